@@ -1,0 +1,359 @@
+"""LLaMA-Adapter as a transform of a built Transformer, and its file format.
+
+Each of the top L layers gets K learnable adaption prompts. Their keys and values come from the
+layer's frozen wk/wv without RoPE; every query attends to them with a softmax of its own, and the
+result, scaled by tanh(gate) with one zero-initialized gate per head, is added to the attention
+output. At initialization the model is therefore exactly the base model. V2 options: learnable
+bias and scale on the linear layers (y = scale * (Wx + bias), 0 and 1 at init) and norm tuning.
+The same math runs in training and generation.
+
+An `Adapter` owns all its parameters; `attach` and `detach` only swap references in the model,
+so switching adapters never reloads the base.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UserError
+from core.model import RMSNorm, Transformer
+
+FORMAT = "llama-adapter"
+FORMAT_VERSION = 1
+V2_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+              "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+@dataclass
+class AdapterConfig:
+    prompt_len: int = 10          # K
+    layers: int = 30              # L, the top L layers (clamped to the model's depth)
+    bias_scale: bool = False      # V2: learnable bias and scale on the adapted layers' linears
+    norm_tuning: bool = False     # V2: the adapted layers' RMSNorm weights train
+
+
+class AdaptionPrompt(nn.Module):
+    def __init__(self, prompt_len: int, dim: int, n_heads: int):
+        super().__init__()
+        # N(0, 1) like the hidden states wk/wv normally see: a zero prompt would give zero keys
+        # and values, and with the gate at zero neither would ever get a gradient.
+        self.prompt = nn.Parameter(torch.randn(prompt_len, dim))
+        self.gate = nn.Parameter(torch.zeros(n_heads))
+        self._kv_cache = None
+
+    def prompt_kv(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, n_kv_heads, K, head_dim) keys and values, no RoPE. Cached only under no_grad
+        (generation), keyed on the versions of every tensor they depend on, so an in-place update
+        (training, load_state_dict) is never served stale; while training they are recomputed."""
+        x = self.prompt.to(dtype).unsqueeze(0)
+        if torch.is_grad_enabled():
+            self._kv_cache = None
+            return self._project(attn, x)
+        deps = [self.prompt, *attn.wk.parameters(), *attn.wv.parameters()]
+        key = (dtype, *((p.data_ptr(), p._version) for p in deps))
+        if self._kv_cache is None or self._kv_cache[0] != key:
+            self._kv_cache = (key, self._project(attn, x))
+        return self._kv_cache[1]
+
+    @staticmethod
+    def _project(attn, x):
+        k = attn.wk(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        v = attn.wv(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
+        B, H, T, _ = q.shape
+        k, v = self.prompt_kv(attn, q.dtype)
+        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        # every query over the K prompts only: the prompt part's own softmax
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != k.shape[1])
+        return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out
+
+
+class BiasScaleLinear(nn.Module):
+    """y = scale * (base(x) + bias): bias 0 and scale 1 at init give the base output exactly."""
+
+    def __init__(self, base: nn.Module, bias: nn.Parameter, scale: nn.Parameter):
+        super().__init__()
+        self.base, self.bias, self.scale = base, bias, scale
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return (self.base(x) + self.bias.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, cfg: AdapterConfig, dim: int, n_heads: int, out_features: dict[str, int]):
+        super().__init__()
+        self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads)
+        if cfg.bias_scale:
+            self.bias = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o)) for n, o in out_features.items()})
+            self.scale = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.ones(o)) for n, o in out_features.items()})
+        if cfg.norm_tuning:
+            self.attention_norm = nn.Parameter(torch.ones(dim))
+            self.ffn_norm = nn.Parameter(torch.ones(dim))
+
+
+class Adapter(nn.Module):
+    def __init__(self, cfg: AdapterConfig, model_args, meta: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.n_model_layers = model_args.n_layers
+        self.first_layer = model_args.n_layers - min(cfg.layers, model_args.n_layers)
+        hd = model_args.head_dim
+        outs = {"attention.wq": model_args.n_heads * hd, "attention.wk": model_args.n_kv_heads * hd,
+                "attention.wv": model_args.n_kv_heads * hd, "attention.wo": model_args.dim,
+                "feed_forward.w1": model_args.hidden_dim, "feed_forward.w2": model_args.dim,
+                "feed_forward.w3": model_args.hidden_dim}
+        self.layers = nn.ModuleDict({str(i): AdaptedLayer(cfg, model_args.dim, model_args.n_heads, outs)
+                                     for i in range(self.first_layer, model_args.n_layers)})
+        self.meta = meta or {}  # what the file says: base model, training summary, ...
+        _set_plain(self, "_attached_to", None)
+
+    @classmethod
+    def create(cls, model: Transformer, cfg: AdapterConfig) -> "Adapter":
+        """A fresh adapter for `model` (on its device), norm-tuning weights copied from its norms."""
+        p = model.tok_embeddings.weight
+        adapter = cls(cfg, model.args).to(p.device)
+        if cfg.norm_tuning:
+            with torch.no_grad():
+                for i, layer in adapter.layers.items():
+                    block = model.layers[int(i)]
+                    layer.attention_norm.copy_(block.attention_norm.weight)
+                    layer.ffn_norm.copy_(block.ffn_norm.weight)
+        return adapter
+
+    # -- attach / detach: pointer swaps only ------------------------------------------------
+    def attach(self, model: Transformer) -> "Adapter":
+        if getattr(model, "adapter", None) is not None:
+            model.adapter.detach()
+        check_compatible(self, model)
+        for i, layer in self.layers.items():
+            block = model.layers[int(i)]
+            block.attention.prompt = layer.prompt
+            if self.cfg.bias_scale:
+                for name in V2_LINEARS:
+                    parent, attr = _parent(block, name)
+                    key = name.replace(".", "_")
+                    setattr(parent, attr, BiasScaleLinear(getattr(parent, attr), layer.bias[key], layer.scale[key]))
+            if self.cfg.norm_tuning:
+                for norm in ("attention_norm", "ffn_norm"):
+                    tuned = RMSNorm(model.args.dim, getattr(block, norm).eps)
+                    tuned.weight = getattr(layer, norm)
+                    tuned.base = getattr(block, norm)  # restored by detach
+                    setattr(block, norm, tuned)
+        _set_plain(model, "adapter", self)
+        _set_plain(self, "_attached_to", model)
+        return self
+
+    def detach(self):
+        model = self._attached_to
+        if model is None:
+            return
+        for i in self.layers:
+            block = model.layers[int(i)]
+            block.attention.prompt = None
+            if self.cfg.bias_scale:
+                for name in V2_LINEARS:
+                    parent, attr = _parent(block, name)
+                    setattr(parent, attr, getattr(parent, attr).base)
+            if self.cfg.norm_tuning:
+                for norm in ("attention_norm", "ffn_norm"):
+                    setattr(block, norm, getattr(block, norm).base)
+        _set_plain(model, "adapter", None)
+        _set_plain(self, "_attached_to", None)
+
+
+def _set_plain(module: nn.Module, name: str, value):
+    """A back-reference, not a submodule: registering model<->adapter both ways would make a cycle."""
+    object.__setattr__(module, name, value)
+
+
+def _parent(block: nn.Module, dotted: str):
+    first, attr = dotted.split(".")
+    return getattr(block, first), attr
+
+
+# -- base-model identity ------------------------------------------------------------------------
+def base_fingerprint(model: Transformer) -> list[float]:
+    """A few statistics of the base weights that survive a change of dtype (relative change < 1%)
+    but tell apart different checkpoints of one architecture (e.g. a base and its instruct)."""
+    with torch.no_grad():
+        emb = model.tok_embeddings.weight
+        stats = [emb[: min(256, emb.shape[0])].float().abs().mean(), model.norm.weight.float().mean()]
+        for block in (model.layers[0], model.layers[-1]):
+            stats.append(block.attention_norm.weight.float().mean() if not hasattr(block.attention_norm, "base")
+                         else block.attention_norm.base.weight.float().mean())
+            stats.append(block.attention.wq.weight.float().abs().mean())
+    return [round(float(s), 6) for s in stats]
+
+
+def base_description(model: Transformer) -> dict:
+    a = model.args
+    return {"architecture": "llama", "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads,
+            "n_kv_heads": a.n_kv_heads, "hidden_dim": a.hidden_dim, "vocab_size": a.vocab_size,
+            "fingerprint": base_fingerprint(model)}
+
+
+def check_compatible(adapter: Adapter, model: Transformer):
+    base = adapter.meta.get("base")
+    a = model.args
+    if base:
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
+            if base.get(key) != getattr(a, key):
+                raise UserError(f"adapter was made for a different base model: {key} {base.get(key)} "
+                                f"vs this model's {getattr(a, key)}")
+        fp, ours = base.get("fingerprint"), base_fingerprint(model)
+        if fp and any(abs(x - y) > 0.01 * max(abs(x), abs(y), 1e-3) for x, y in zip(fp, ours)):
+            raise UserError("adapter was made for a different base model: same shape, different weights "
+                            "(fingerprint differs)")
+    elif adapter.n_model_layers != a.n_layers:
+        raise UserError(f"adapter expects {adapter.n_model_layers} layers, this model has {a.n_layers}")
+
+
+# -- files ----------------------------------------------------------------------------------------
+def save_adapter(adapter: Adapter, path: str | os.PathLike, model: Transformer | None = None,
+                 training: dict | None = None):
+    """safetensors weights with the JSON metadata in the header, written atomically."""
+    from safetensors.torch import save_file
+    meta = dict(adapter.meta)
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, config=asdict(adapter.cfg))
+    if model is not None:
+        meta["base"] = base_description(model)
+    if training is not None:
+        meta["training"] = training
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"llama_adapter": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    adapter.meta = meta
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of an adapter file, without loading its tensors."""
+    from safetensors import safe_open
+    path = Path(path)
+    _check_is_safetensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("llama_adapter")
+    except Exception as e:
+        raise UserError(f"{path.name} is truncated or corrupt ({_first_line(e)})") from None
+    if raw is None:
+        raise UserError(f"{path.name} is a safetensors file but not an adapter made by this project (no llama_adapter metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path.name}: unsupported adapter format {meta.get('format')!r} "
+                        f"version {meta.get('format_version')}; this build reads {FORMAT} version {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(path: str | os.PathLike, model: Transformer, attach: bool = True) -> Adapter:
+    """Load an adapter file for `model`: this project's safetensors format, or the official V1
+    release (.pth with adapter_query.weight and per-layer gates). Errors are one-line UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04":  # a torch zip checkpoint: the official V1 release format
+        adapter = _load_official_v1(path, model)
+    elif head[:1] == b"\x80":
+        raise UserError(f"{path.name} is a raw Python pickle, which is never loaded; accepted: "
+                        "a .safetensors adapter, or the official V1 .pth (weights only)")
+    else:
+        adapter = _load_safetensors(path, model)
+    p = model.tok_embeddings.weight
+    adapter.to(p.device)
+    return adapter.attach(model) if attach else adapter
+
+
+def _check_is_safetensors(path: Path):
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if n < 2 or head[8:9] != b"{":
+        raise UserError(f"{path.name} is not a safetensors file; accepted: a .safetensors adapter made by this "
+                        "project, or the official V1 .pth")
+    if 8 + n > size:
+        raise UserError(f"{path.name} is truncated (its header says {n} bytes, the file has {size - 8})")
+
+
+def _load_safetensors(path: Path, model: Transformer) -> Adapter:
+    from safetensors.torch import load_file
+    meta = read_adapter_metadata(path)
+    cfg = AdapterConfig(**meta["config"])
+    adapter = Adapter(cfg, model.args, meta)
+    check_compatible(adapter, model)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise UserError(f"{path.name} is truncated or corrupt ({_first_line(e)})") from None
+    _load_tensors(adapter, tensors, path.name)
+    return adapter
+
+
+def _load_tensors(adapter: Adapter, tensors: dict, name: str):
+    expected = adapter.state_dict()
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        raise UserError(f"{name}: tensors do not match the adapter's configuration "
+                        f"(missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{name}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        if not torch.isfinite(v).all():
+            raise UserError(f"{name}: tensor {k} holds NaN or infinite values")
+    adapter.load_state_dict(tensors)
+
+
+def _load_official_v1(path: Path, model: Transformer) -> Adapter:
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path.name} could not be read as a weights-only torch checkpoint ({_first_line(e)})") from None
+    sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or "adapter_query.weight" not in sd:
+        raise UserError(f"{path.name} is not an official LLaMA-Adapter V1 file (no adapter_query.weight)")
+    gates = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith("attention.gate"))
+    query = sd["adapter_query.weight"]
+    a = model.args
+    n_adapted = len(gates)
+    if n_adapted == 0 or query.shape[0] % n_adapted or query.shape[1] != a.dim:
+        raise UserError(f"{path.name}: adapter_query.weight has shape {tuple(query.shape)}, expected "
+                        f"(layers*K, {a.dim}) with {n_adapted} gated layers")
+    if gates[0][0] != a.n_layers - n_adapted or gates[-1][0] != a.n_layers - 1:
+        raise UserError(f"{path.name}: gates for layers {gates[0][0]}..{gates[-1][0]} do not fit the top of "
+                        f"this {a.n_layers}-layer model")
+    cfg = AdapterConfig(prompt_len=query.shape[0] // n_adapted, layers=n_adapted)
+    adapter = Adapter(cfg, a, {"source": "official LLaMA-Adapter V1 release", "file": path.name})
+    prompts = query.float().view(n_adapted, cfg.prompt_len, a.dim)
+    tensors = {}
+    for j, (i, gate) in enumerate(gates):
+        if gate.numel() != a.n_heads:
+            raise UserError(f"{path.name}: layer {i} gate has {gate.numel()} heads, this model has {a.n_heads}")
+        tensors[f"layers.{i}.prompt.prompt"] = prompts[j]
+        tensors[f"layers.{i}.prompt.gate"] = gate.float().flatten()  # trained under tanh: used as is
+    _load_tensors(adapter, tensors, path.name)
+    return adapter
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -1,0 +1,119 @@
+"""Stream a completion, or chat interactively.
+
+    python -m core.generate --model smollm2 --chat --prompt "What is the capital of France?"
+    python -m core.generate --model smollm2            # interactive multi-turn chat
+    torchrun --nproc_per_node 2 -m core.generate --model PATH --prompt "..."   # model-parallel
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from core.chat_format import FORMATS, render
+from core.errors import UserError
+from core.generation import Generator, SamplingParams
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m core.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2, or a path: .gguf file, Hugging Face or Meta folder")
+    p.add_argument("--adapter", help="adapter file (.safetensors, or the official V1 .pth)")
+    p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
+    p.add_argument("--format", choices=FORMATS, help="prompt format (default: from the checkpoint)")
+    p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args) -> int:
+    from core import parallel
+    from core.adapter import load_adapter
+    from core.loading import load_model
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; accepted here: cpu")
+    if args.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: no MPS device is available here; accepted here: cpu")
+    rank = 0
+    lm = load_model(args.model, args.dtype, args.device, args.format)
+    if args.adapter:
+        load_adapter(args.adapter, lm.model)
+    if parallel.world_size() > 1:
+        device = str(lm.model.tok_embeddings.weight.device)
+        rank, _ = parallel.init_model_parallel(device)
+        parallel.apply_model_parallel(lm.model)
+    gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                            seed=args.seed if args.seed is not None else (0 if parallel.world_size() > 1 else None))
+    system = args.system if args.system is not None else lm.system_prompt
+    out = sys.stdout if rank == 0 else open("/dev/null", "w")
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty; give some text")
+        text = render(lm.chat_format, [{"role": "user", "content": args.prompt}], system) if args.chat else args.prompt
+        for delta in gen.stream(text, params):
+            out.write(delta)
+            out.flush()
+        out.write("\n")
+        return 0
+
+    history: list[dict] = []
+    if rank == 0:
+        print(f"chat with {lm.name} ({lm.chat_format} format); empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        line = _read_line(rank)
+        if not line:
+            return 0
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for delta in gen.stream(render(lm.chat_format, history, system), params):
+            reply += delta
+            out.write(delta)
+            out.flush()
+        out.write("\n")
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _read_line(rank: int) -> str:
+    """Rank 0 reads the user's line; under model parallelism every rank gets it."""
+    line = ""
+    if rank == 0:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            line = ""
+    from core import parallel
+    if parallel.world_size() > 1:
+        box = [line]
+        torch.distributed.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

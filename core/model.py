@@ -1,0 +1,238 @@
+"""One plain-PyTorch LLaMA-family decoder (LLaMA-1/2/3, TinyLlama, SmolLM, any LlamaForCausalLM).
+
+Weights use Meta's module names (tok_embeddings, layers.N.attention.wq, ...) and the Hugging Face
+"rotate-half" RoPE layout; loaders of interleaved-layout checkpoints (Meta, GGUF) un-permute Q/K.
+Adapters, model parallelism and the like are transforms applied to a built model (core/adapter.py,
+core/parallel.py); the only hook here is `Attention.prompt`, which an adapter fills.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_position_embeddings"} or {"rope_type": "linear", "factor"}
+    rope_scaling: dict | None = None
+    rope_freq_factors: list[float] | None = None  # GGUF's rope_freqs tensor (divides inv_freq)
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    head_dim: int | None = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+
+def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """FFN width as Meta's params.json implies it (2/3 of 4*dim, scaled, rounded up)."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed by `factor`, short ones kept, the band between blended
+        smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    if args.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, dtype=torch.float64)
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 as the reference implementations do, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.n_kv_heads = args.n_kv_heads  # held by this module (a share of them under model parallelism)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+        # An adapter's gated adaption prompt (core.adapter.AdaptionPrompt); None for the base model.
+        self.prompt: nn.Module | None = None
+
+    def forward(self, x, cos, sin, mask, start_pos: int):
+        B, T, _ = x.shape
+        # -1: the number of heads is whatever this module holds (fewer under model parallelism)
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        is_causal = mask is None and T > 1 and start_pos == 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        if self.prompt is not None:
+            out = out + self.prompt(self, q)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    # -- KV cache ---------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int):
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, p.dtype, p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    # -- forward ----------------------------------------------------------------------------
+    def first_trainable_layer(self) -> int:
+        """Index of the lowest layer holding a parameter that wants gradients (n_layers if none;
+        -1 if the embedding does). Layers below it run without autograd."""
+        if self.tok_embeddings.weight.requires_grad:
+            return -1
+        for i, layer in enumerate(self.layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.layers)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at cache positions [start_pos, start_pos+T).
+        key_mask (B, start_pos+T) bool marks real (non-pad) tokens, for batches of left-padded
+        prompts; RoPE positions then count real tokens only. Returns logits (B, T|1, vocab) fp32."""
+        B, T = tokens.shape
+        grad = torch.is_grad_enabled()
+        first = self.first_trainable_layer() if grad else len(self.layers)
+        if key_mask is None:
+            pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
+            mask = None
+            if T > 1 and start_pos > 0:  # a chunk continuing a cache: causal with an offset
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
+        else:
+            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:start_pos + T]
+            causal = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
+            mask = causal & key_mask[:, None, None, :]
+            # a pad query attends to itself, so no row is fully masked (that would give NaN)
+            self_key = torch.zeros(T, start_pos + T, dtype=torch.bool, device=tokens.device)
+            self_key[torch.arange(T), torch.arange(start_pos, start_pos + T)] = True
+            mask = mask | self_key
+        angles = pos.unsqueeze(-1).float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        dtype = self.tok_embeddings.weight.dtype
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if cos.dim() == 3:  # per-sequence positions: (B, T, hd) -> (B, 1, T, hd)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        with torch.set_grad_enabled(grad and first < 0):
+            h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            with torch.set_grad_enabled(grad and i >= first):
+                h = layer(h, cos, sin, mask, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
