@@ -8,7 +8,7 @@ core/parallel.py); the only hook here is `Attention.prompt`, which an adapter fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +232,21 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+
+def column_major_linears(model: nn.Module) -> nn.Module:
+    """Store every linear weight transposed in memory, keeping its logical (out, in) shape.
+
+    Batch-1 decoding on CPU streams all weights from DRAM once per token. With Linear's usual
+    row-major (out, in) layout MKL's GEMV walks rows of only `in` floats (576 for SmolLM2) and
+    reached ~9 GB/s here; with (in, out) rows it reached 10-20 GB/s (the tied 49152-row head
+    2.25x faster). F.linear(x, w) multiplies by w.t(), which is then contiguous: no copies. The
+    tied embedding reads the same storage (a strided row gather, cheap for a few tokens)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

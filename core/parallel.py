@@ -48,6 +48,10 @@ def apply_model_parallel(model: nn.Module) -> nn.Module:
     if a.n_kv_heads % world or a.dim % world or a.hidden_dim % world or a.vocab_size % world:
         raise UserError(f"cannot split this model over {world} processes: heads ({a.n_kv_heads} kv), dim, "
                         "FFN width and vocabulary must all divide evenly")
+    adapter = getattr(model, "adapter", None)
+    if adapter is not None and adapter.cfg.bias_scale:
+        raise UserError("V2 bias/scale adapters cannot be split over processes yet; "
+                        "run them in one process, or use a prompt-only adapter")
     device = model.tok_embeddings.weight.device
 
     def column(linear: nn.Linear, gather: bool) -> nn.Module:

@@ -1,5 +1,4 @@
 """The adapter: exactness at init, parameter count, gradients, caching, files and their errors."""
-import json
 import pickle
 
 import pytest

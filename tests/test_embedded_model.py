@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from core.chat_format import render
 from core.generation import Generator, SamplingParams

@@ -6,7 +6,7 @@ import torch
 
 from core.errors import UserError
 from core.loading import load_model, read_checkpoint
-from tests.helpers import (gpt2_tokenizer_meta, hf_llama, spm_tokenizer_meta, tiny_bpe_tokenizer,
+from tests.helpers import (gpt2_tokenizer_meta, hf_llama, tiny_bpe_tokenizer,
                            train_sentencepiece, write_gguf, write_meta_folder)
 
 CONFIGS = {
