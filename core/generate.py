@@ -67,7 +67,8 @@ def run(args) -> int:
         parallel.apply_model_parallel(lm.model)
     gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                            stop=args.stop + (lm.stop_texts if args.chat or args.prompt is None else []),
                             seed=args.seed if args.seed is not None else (0 if parallel.world_size() > 1 else None))
     system = args.system if args.system is not None else lm.system_prompt
     out = sys.stdout if rank == 0 else open("/dev/null", "w")

@@ -236,6 +236,11 @@ class LoadedModel:
         ids |= {self.tokenizer.token_id(s) for s in stop_strings(self.chat_format)} - {None}
         return ids
 
+    @property
+    def stop_texts(self) -> list[str]:
+        """The format's end-of-turn markers that are plain text, not special tokens."""
+        return [s for s in stop_strings(self.chat_format) if self.tokenizer.token_id(s) is None]
+
 
 def default_device() -> str:
     if torch.cuda.is_available():

@@ -20,6 +20,13 @@ def test_embedded_default_metadata(smollm2):
     assert a.tie_embeddings and smollm2.chat_format == "chatml"
     assert smollm2.system_prompt.startswith("You are a helpful AI assistant named SmolLM")
     assert smollm2.stop_ids == {2}
+    assert smollm2.stop_texts == []  # ChatML's <|im_end|> is a special token, caught as an id
+
+
+def test_alpaca_format_stops_on_its_text_marker():
+    from core.loading import load_model
+    lm = load_model("smollm2", "float32", "cpu", chat_format="alpaca")
+    assert lm.stop_texts == ["### Instruction:"] and lm.stop_ids == {2}
 
 
 def test_embedded_default_greedy_chat_knows_paris(smollm2):
