@@ -23,9 +23,9 @@ def test_embedded_default_metadata(smollm2):
     assert smollm2.stop_texts == []  # ChatML's <|im_end|> is a special token, caught as an id
 
 
-def test_alpaca_format_stops_on_its_text_marker():
-    from core.loading import load_model
-    lm = load_model("smollm2", "float32", "cpu", chat_format="alpaca")
+def test_alpaca_format_stops_on_its_text_marker(smollm2):
+    import dataclasses
+    lm = dataclasses.replace(smollm2, chat_format="alpaca")  # the same loaded model, another format
     assert lm.stop_texts == ["### Instruction:"] and lm.stop_ids == {2}
 
 
