@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
+from core.files import atomic_path
 from core.model import RMSNorm, Transformer
 
 FORMAT = "llama-adapter"
@@ -233,15 +233,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, model: Transformer |
     if training is not None:
         meta["training"] = training
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"llama_adapter": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     adapter.meta = meta
 
 

@@ -42,6 +42,13 @@ def default_system_prompt(chat_template: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+def assistant_turn(fmt: str, content: str) -> str:
+    """The text that follows the assistant header and completes its turn (end marker included;
+    Alpaca has none, so a trained reply ends with the tokenizer's EOS instead)."""
+    return {"chatml": f"{content}<|im_end|>", "llama3": f"{content.strip()}<|eot_id|>",
+            "llama2": f" {content.strip()} </s>", "alpaca": f" {content}"}[fmt]
+
+
 def render(fmt: str, messages: list[dict], system: str | None = None) -> str:
     """Text of the conversation up to the point where the assistant's next reply begins."""
     if fmt not in FORMATS:
@@ -53,13 +60,13 @@ def render(fmt: str, messages: list[dict], system: str | None = None) -> str:
     if fmt == "chatml":
         out = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         for m in messages:
-            out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+            out += f"<|im_start|>{m['role']}\n" + assistant_turn(fmt, m["content"]) + "\n"  # same end for any role
         return out + "<|im_start|>assistant\n"
     if fmt == "llama3":
         out = "<|begin_of_text|>"
         turns = ([{"role": "system", "content": system}] if system else []) + messages
         for m in turns:
-            out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            out += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n" + assistant_turn(fmt, m["content"])
         return out + "<|start_header_id|>assistant<|end_header_id|>\n\n"
     if fmt == "llama2":
         out = ""
@@ -69,7 +76,7 @@ def render(fmt: str, messages: list[dict], system: str | None = None) -> str:
                 user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
             out += f"<s>[INST] {user} [/INST]"
             if i + 1 < len(messages):
-                out += f" {messages[i + 1]['content'].strip()} </s>"
+                out += assistant_turn(fmt, messages[i + 1]["content"])
         return out
     # alpaca: earlier turns become instruction/response pairs; the system prompt leads the first
     out = ""
@@ -79,7 +86,7 @@ def render(fmt: str, messages: list[dict], system: str | None = None) -> str:
             instruction = f"{system}\n\n{instruction}"
         out += alpaca_prompt(instruction)
         if i + 1 < len(messages):
-            out += f" {messages[i + 1]['content']}\n\n"
+            out += assistant_turn(fmt, messages[i + 1]["content"]) + "\n\n"
     return out
 
 

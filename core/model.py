@@ -209,10 +209,12 @@ class Transformer(nn.Module):
         return len(self.layers)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) at cache positions [start_pos, start_pos+T).
         key_mask (B, start_pos+T) bool marks real (non-pad) tokens, for batches of left-padded
-        prompts; RoPE positions then count real tokens only. Returns logits (B, T|1, vocab) fp32."""
+        prompts; RoPE positions then count real tokens only. Returns logits (B, T|1, vocab) fp32,
+        or with `select` ((B, T) bool) only the selected positions' logits, (N, vocab): training
+        needs them at response tokens only, and the output head is a large share of the work."""
         B, T = tokens.shape
         grad = torch.is_grad_enabled()
         first = self.first_trainable_layer() if grad else len(self.layers)
@@ -243,6 +245,8 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, start_pos)
         if last_only:
             h = h[:, -1:]
+        if select is not None:
+            h = h[select]
         return self.output(self.norm(h)).float()
 
 

@@ -1,0 +1,195 @@
+"""Instruction data for adapter fine-tuning: reading and validating files, tokenizing with a loss
+mask on response tokens, and batches grouped by length.
+
+Accepted records (a JSON array or JSON lines):
+  Alpaca style  {"instruction": str, "input": str (optional), "output": str}
+  chat          {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+Alpaca records get the paper's template, chat records the model's own chat format.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.chat_format import alpaca_prompt, assistant_turn, render
+from core.errors import UserError
+from core.tokenizer import Tokenizer
+
+DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+ACCEPTED = ("accepted: Alpaca records with 'instruction' and 'output' strings (and optional 'input'), "
+            "or chat records with 'messages', a list of {role: system|user|assistant, content}")
+ROLES = ("system", "user", "assistant")
+
+
+def shipped_datasets() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(DATASETS_DIR.glob("*.json*"))}
+
+
+def load_records(source: str) -> list[dict]:
+    """Records from a file, a dataset shipped in train/datasets (by name), or a skill task's
+    training split ("task:arithmetic"). Every record is validated; the first bad one raises a
+    UserError naming its line and field, before anything else happens."""
+    if source.startswith("task:"):
+        from train.tasks import task_records
+        return task_records(source[5:], "train")
+    path = Path(source)
+    if not path.exists() and source in shipped_datasets():
+        path = shipped_datasets()[source]
+    if not path.is_file():
+        names = ", ".join(shipped_datasets())
+        raise UserError(f"{source}: no such data file; accepted: a .json/.jsonl file, a shipped dataset "
+                        f"({names}) or task:NAME")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason}); accepted: JSON or JSON lines") from None
+    items = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    if not items:
+        raise UserError(f"{path}: no records; {ACCEPTED}")
+    for line, record in items:
+        problem = record_problem(record)
+        if problem:
+            raise UserError(f"{path}:{line}: {problem}; {ACCEPTED}")
+    return [r for _, r in items]
+
+
+def _json_lines(text: str, path: Path) -> list[tuple[int, object]]:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); "
+                                "accepted: one JSON object per line, or a JSON array") from None
+    return items
+
+
+def _json_array(text: str, path: Path) -> list[tuple[int, object]]:
+    """The array's elements with the line each starts on, so errors can point at it."""
+    decoder, items = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        items.append((text.count("\n", 0, i) + 1, obj))
+        i = end
+    if i >= len(text):
+        raise UserError(f"{path}:{text.count(chr(10)) + 1}: invalid JSON (the array is not closed)")
+    return items
+
+
+def record_problem(record) -> str | None:
+    """What is wrong with one record, or None."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, not {type(record).__name__}"
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "field 'messages' must be a non-empty list"
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                return f"field 'messages[{j}].role' must be one of {', '.join(ROLES)}"
+            if not isinstance(m.get("content"), str):
+                return f"field 'messages[{j}].content' must be a string"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "field 'messages' has no assistant message to learn from"
+        turns = [m["role"] for m in msgs if m["role"] != "system"]
+        if any(r != ("user", "assistant")[k % 2] for k, r in enumerate(turns)):
+            return "field 'messages' must alternate user and assistant, starting with user"
+        return None
+    for field in ("instruction", "output"):
+        if field not in record:
+            return f"field '{field}' is missing"
+        if not isinstance(record[field], str) or not record[field].strip():
+            return f"field '{field}' must be a non-empty string"
+    if not isinstance(record.get("input", ""), str):
+        return "field 'input' must be a string"
+    return None
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    loss_mask: list[bool]  # True where the token is part of a response (a training target)
+
+
+def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system: str | None = None,
+                    max_seq_len: int | None = None) -> Example:
+    """Prompt segments are masked out; each response (with its end-of-turn marker, or EOS where
+    the format has none) is a target. Segments are tokenized one by one, as generation sees them."""
+    if "messages" in record:
+        segments, done = [], ""
+        msgs = record["messages"]
+        for a, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = render(chat_format, msgs[:a], system)
+            assert prompt.startswith(done), "the chat format must render turns incrementally"
+            segments += [(prompt[len(done):], False), (assistant_turn(chat_format, m["content"]), True)]
+            done = prompt + segments[-1][0]
+        fmt = chat_format
+    else:
+        segments = [(alpaca_prompt(record["instruction"], record.get("input", "")), False),
+                    (assistant_turn("alpaca", record["output"]), True)]
+        fmt = "alpaca"
+    tokens, mask = [], []
+    for k, (text, is_target) in enumerate(segments):
+        ids = tokenizer.encode(text, bos=None if k == 0 else False)
+        tokens += ids
+        mask += [is_target] * len(ids)
+    if fmt == "alpaca" and tokenizer.eos_id is not None:
+        tokens.append(tokenizer.eos_id)
+        mask.append(True)
+    if max_seq_len:
+        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+    return Example(tokens, mask)
+
+
+def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=None) -> list[Example]:
+    """All records that keep at least one target token after truncation."""
+    examples = [tokenize_record(r, tokenizer, chat_format, system, max_seq_len) for r in records]
+    kept = [e for e in examples if any(e.loss_mask[1:])]
+    if not kept:
+        raise UserError(f"no record keeps a response token within --max-seq-len {max_seq_len}; raise it")
+    return kept
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           group: int = 32) -> list[list[int]]:
+    """One epoch's batches of example indices. Indices are shuffled, then sorted by length within
+    windows of `group` batches so a batch holds similar lengths (little padding) while the order
+    stays random; the batches themselves are shuffled too. Deterministic in (seed, epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, T-1), right-padded; targets are -100 except at response tokens.
+    Right padding keeps every real token's causal context free of pads, so no mask is needed."""
+    T = max(len(e.tokens) for e in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.tokens)
+        tokens[i, :n] = torch.tensor(e.tokens)
+        targets[i, :n] = torch.where(torch.tensor(e.loss_mask), tokens[i, :n], -100)
+    return tokens[:, :-1], targets[:, 1:]

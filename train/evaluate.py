@@ -1,0 +1,104 @@
+"""Exact-match accuracy and validation loss of a model (with or without an adapter) on a skill
+task's held-out split.
+
+    python -m train.evaluate --model smollm2 --task arithmetic [--adapter runs/a/adapter.safetensors]
+
+Prompts use the format the adapter was trained with (its metadata says), or, with no adapter, the
+model's own chat format: each side gets the prompt it knows best. `--prompt-format` overrides.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from core.adapter import load_adapter
+from core.chat_format import FORMATS, alpaca_prompt, render
+from core.errors import UserError
+from core.generation import Generator, SamplingParams
+from core.loading import LoadedModel, load_model
+from train.data import collate, tokenize_records
+from train.tasks import TASKS, answer_of, task_records
+
+
+def as_chat(record: dict) -> dict:
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]}
+
+
+def prompt_text(record: dict, fmt: str, system: str | None) -> str:
+    if fmt == "alpaca":
+        return alpaca_prompt(record["instruction"], record.get("input", ""))
+    return render(fmt, as_chat(record)["messages"][:1], system)
+
+
+@torch.no_grad()
+def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token, prompts in format `fmt`."""
+    if fmt != "alpaca":
+        records = [as_chat(r) for r in records]
+    examples = tokenize_records(records, lm.tokenizer, fmt, lm.system_prompt)
+    device = lm.model.tok_embeddings.weight.device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        inputs, targets = collate(examples[i:i + batch_size])
+        select = targets != -100
+        logits = lm.model(inputs.to(device), select=select.to(device))
+        total += F.cross_entropy(logits, targets[select].to(device), reduction="sum").item()
+        count += int(select.sum())
+    return total / count
+
+
+@torch.no_grad()
+def accuracy(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 16,
+             max_new_tokens: int = 32) -> tuple[float, list[tuple[str, str]]]:
+    """Greedy exact match of the first line of each reply; returns (accuracy, [(answer, expected)])."""
+    lm = dataclasses.replace(lm, chat_format=fmt)  # stop tokens and strings follow the prompt format
+    gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=lm.stop_texts)
+    pairs = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        replies = gen.generate([prompt_text(r, fmt, lm.system_prompt) for r in chunk], params)
+        pairs += [(answer_of(reply), r["output"]) for reply, r in zip(replies, chunk)]
+    return sum(a == b for a, b in pairs) / len(pairs), pairs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--adapter")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--limit", type=int, default=0, help="the first N records only")
+    p.add_argument("--prompt-format", choices=FORMATS)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--show", type=int, default=5, help="print this many answers")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    args = p.parse_args(argv)
+    lm = load_model(args.model, args.dtype, args.device)
+    fmt = args.prompt_format or lm.chat_format
+    if args.adapter:
+        adapter = load_adapter(args.adapter, lm.model)
+        fmt = args.prompt_format or adapter.meta.get("training", {}).get("prompt_format", fmt)
+    records = task_records(args.task, args.split, args.limit or None)
+    acc, pairs = accuracy(lm, records, fmt, args.batch_size, args.max_new_tokens)
+    loss = validation_loss(lm, records, fmt, args.batch_size)
+    for answer, expected in pairs[:args.show]:
+        print(f"  {'ok ' if answer == expected else 'bad'} {answer!r} (expected {expected!r})")
+    print(f"task {args.task} ({args.split}, {len(records)} records, prompt format {fmt}): "
+          f"exact match {acc:.1%}, validation loss {loss:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
