@@ -14,29 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.generation import SamplingParams, generate_tokens  # noqa: E402
-from core.loading import hf_to_core_name, load_model  # noqa: E402
-
-
-def hf_twin(model):
-    """transformers' LlamaForCausalLM with our model's weights (names mapped by core.loading)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    a = model.args
-    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
-                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-                      head_dim=a.head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
-                      max_position_embeddings=a.max_seq_len, tie_word_embeddings=a.tie_embeddings,
-                      rope_scaling=a.rope_scaling)
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    ours = model.state_dict()
-    # contiguous row-major copies, as transformers' own loader would give it (ours are stored
-    # column-major on CPU: core.model.cpu_decode_layout)
-    state = {k: ours[hf_to_core_name(k)].contiguous() for k in hf.state_dict() if hf_to_core_name(k) in ours}
-    hf.load_state_dict(state, strict=False, assign=True)
-    if a.tie_embeddings:
-        hf.tie_weights()
-    hf.model.rotary_emb.inv_freq = model.inv_freq.clone()
-    return hf.eval()
+from core.loading import load_model  # noqa: E402
+from train.peers import hf_twin  # noqa: E402
 
 
 def best_of(fn, repeats):

@@ -82,3 +82,25 @@ def apply_model_parallel(model: nn.Module) -> nn.Module:
             if attn.prompt is not None:  # an attached adapter: keep this rank's heads' gates
                 attn.prompt.gate = nn.Parameter(_shard(attn.prompt.gate.data, 0, rank, world))
     return model
+
+
+def apply_fsdp(model: nn.Module, device: str) -> nn.Module:
+    """Shard the frozen base across the data-parallel ranks (PyTorch's FSDP2 `fully_shard`): each
+    block's weights are gathered just for its forward (and backward) and freed after, so a rank
+    holds 1/world of the base between uses. Attach adapters after this: their parameters stay
+    whole on every rank (they are small and their gradients are all-reduced by the trainer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    # undo the CPU decode layout (core.model.cpu_decode_layout): FSDP shards contiguous rows only,
+    # and the fused copies would stay whole
+    for module in model.modules():
+        for fused in ("wqkv", "w13"):
+            if getattr(module, fused, None) is not None:
+                setattr(module, fused, None)
+    for p in model.parameters():
+        p.data = p.data.contiguous()
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

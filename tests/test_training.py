@@ -2,6 +2,7 @@
 resume after SIGTERM, the frozen base, and a real run on the embedded model."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,17 +130,23 @@ def test_tiny_random_loss_decreases_and_only_the_adapter_changes(tmp_path, tiny_
     assert status["state"] == "finished" and status["step"] == 96
 
 
-def test_tiny_random_two_process_gloo_step_equals_one_process_with_doubled_batch(tmp_path, tiny_model_dir, data_file):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_tiny_random_two_process_gloo_step_equals_one_process_with_doubled_batch(tmp_path, tiny_model_dir, data_file,
+                                                                                 sharding):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--max-steps", "3", "--seed", "3"]
     subprocess.run([sys.executable, "-m", "train.finetune",
                     *train_args(tiny_model_dir, data_file, one, *common, "--batch-size", "8")],
                    cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=120)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "train.finetune", *train_args(tiny_model_dir, data_file, two, *common)],
+                           "-m", "train.finetune", *train_args(tiny_model_dir, data_file, two, *common, *sharding)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es), global batch 8" in (two / "train.log").read_text()
+    log = (two / "train.log").read_text()
+    assert "2 process(es), global batch 8" in log
+    if sharding:  # each rank held half of the base between uses
+        held, total = re.search(r"FSDP: rank 0 holds ([\d,]+) of ([\d,]+)", log).groups()
+        assert int(held.replace(",", "")) * 2 == pytest.approx(int(total.replace(",", "")), rel=0.01)
     a, b = load_file(one / "adapter.safetensors"), load_file(two / "adapter.safetensors")
     assert a.keys() == b.keys()
     for k in a:

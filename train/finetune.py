@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.adapter import Adapter, AdapterConfig, save_adapter
+from core.adapter import Adapter, AdapterConfig, base_description, save_adapter
 from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.loading import LoadedModel, load_model
+from core.parallel import apply_fsdp
 from train.data import collate, length_grouped_batches, load_records, tokenize_records
 
 STOP = {"requested": False}
@@ -164,25 +165,32 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     # 1. the data, validated before anything starts
     records = load_records(args.data)
     val_records = load_records(args.val_data) if args.val_data else []
-    if args.fsdp:
-        raise UserError("--fsdp is not available yet; the base must fit each device "
-                        "(use core.parallel model parallelism for inference of larger bases)")
 
     # 2. processes, model, adapter
     from core.loading import default_device
     rank, world, device = setup_distributed(args.device or default_device())
+    if args.fsdp and world == 1:
+        raise UserError("--fsdp shards the base across processes: launch with torchrun --nproc_per_node N")
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not args.resume:
         write_json(out / "config.json", {k: v for k, v in vars(args).items() if k != "resume"})
     log = RunLog(out, rank == 0)
-    lm = lm or load_model(args.model, args.dtype, device)
+    # with --fsdp the base is read into CPU memory, then each rank keeps 1/world of it on `device`
+    lm = lm or load_model(args.model, args.dtype, "cpu" if args.fsdp else device)
     model, tok = lm.model, lm.tokenizer
+    base = base_description(model)  # the adapter files' record of the base, taken while it is whole
+    base_numel = sum(p.numel() for p in model.parameters())
+    if args.fsdp:
+        apply_fsdp(model, device)
+        held = sum(p.to_local().numel() for p in model.parameters())
+        log.say(f"FSDP: rank 0 holds {held:,} of {base_numel:,} base weights between uses")
     examples = tokenize_records(records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len)
     val_examples = tokenize_records(val_records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len) \
         if val_records else []
     torch.manual_seed(args.seed)
     cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning)
     adapter = Adapter.create(model, cfg).attach(model)
+    adapter.meta["base"] = base
     if args.gate_init == "random":
         with torch.no_grad():
             for layer in adapter.layers.values():
@@ -249,12 +257,16 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for i in range(rank * args.batch_size, len(val_examples), world * args.batch_size):
-                inputs, targets = collate(val_examples[i:i + args.batch_size])
+            for i in range(0, len(val_examples), world * args.batch_size):
+                first = i + rank * args.batch_size
+                part = val_examples[first:first + args.batch_size]
+                # a rank without data still runs a forward, weighted 0: FSDP's gathers need everyone
+                weight, part = (1.0, part) if part else (0.0, val_examples[:1])
+                inputs, targets = collate(part)
                 select = targets != -100
                 logits = model(inputs.to(device), select=select.to(device))
-                total += torch.tensor([F.cross_entropy(logits, targets[select].to(device), reduction="sum").item(),
-                                       select.sum().item()], dtype=torch.float64)
+                total += weight * torch.tensor([F.cross_entropy(logits, targets[select].to(device), reduction="sum").item(),
+                                                select.sum().item()], dtype=torch.float64)
         all_sum(total, world)
         return (total[0] / total[1]).item()
 
@@ -283,16 +295,18 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         for micro in range(args.accum):
             first = (micro * world + rank) * args.batch_size
             part = batch[first:first + args.batch_size]
-            if part:
-                inputs, targets = collate(part)
-                inputs, targets = inputs.to(device), targets.to(device)
-                select = targets != -100
-                with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(inputs, select=select)
-                loss = F.cross_entropy(logits.float(), targets[select], reduction="sum")
-                scaler.scale(loss / n_targets).backward()
-                loss_sum += loss.item()
-                window_tokens += sum(len(e.tokens) for e in part)
+            # a rank left without data (a short last batch) still runs a forward and backward,
+            # weighted 0: FSDP's gathers need every rank, and the gradient sum stays right
+            weight, part = (1.0, part) if part else (0.0, batch[:1])
+            inputs, targets = collate(part)
+            inputs, targets = inputs.to(device), targets.to(device)
+            select = targets != -100
+            with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(inputs, select=select)
+            loss = weight * F.cross_entropy(logits.float(), targets[select], reduction="sum")
+            scaler.scale(loss / n_targets).backward()
+            loss_sum += loss.item()
+            window_tokens += int(weight) * sum(len(e.tokens) for e in part)
             if stop_agreed():
                 stopped = True
                 break
@@ -326,13 +340,13 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         log.step(record, total_steps)
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             if rank == 0:
-                save_adapter(adapter, out / f"adapter-step{step}.safetensors", model, summary(loss_value, val_loss))
+                save_adapter(adapter, out / f"adapter-step{step}.safetensors", training=summary(loss_value, val_loss))
             save_state()
 
     save_state()
     if rank == 0:
         name = "adapter.safetensors" if step >= total_steps else f"adapter-step{step}.safetensors"
-        save_adapter(adapter, out / name, model, summary(loss_value, val_loss))
+        save_adapter(adapter, out / name, training=summary(loss_value, val_loss))
     if stopped:
         log.say(f"stopped at step {step}/{total_steps}; resumable state saved (--resume {out})")
         status("stopped")

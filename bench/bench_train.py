@@ -1,0 +1,133 @@
+"""Training throughput and peak memory: our adapter against peft's AdaptionPrompt on transformers'
+LlamaForCausalLM holding the same weights, same batch, sequence length, K and L; prints ratios.
+
+    .venv/bin/python bench/bench_train.py [--layers 30 10] [--batch 8] [--seq-len 128] [--steps 6]
+
+Each side runs in a subprocess of its own, so its peak RSS is its own: the resident memory is
+sampled every 2 ms during the training steps (after both sides hold one copy of the weights),
+and the peak is reported together with the RSS before training started.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class PeakRSS:
+    """Highest resident set size seen while the `with` block runs."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.running = psutil.Process(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def one_side(side: str, layers: int, prompt_len: int, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    from core.loading import load_model
+    lm = load_model("smollm2", "float32", "cpu")
+    torch.manual_seed(0)
+    if side == "ours":
+        from core.adapter import Adapter, AdapterConfig
+        model = lm.model
+        Adapter.create(model, AdapterConfig(prompt_len, layers)).attach(model)
+
+        def logits_of(x):
+            return model(x)
+    else:
+        from peft import AdaptionPromptConfig, get_peft_model
+
+        from train.peers import hf_twin
+        model = get_peft_model(hf_twin(lm.model), AdaptionPromptConfig(adapter_len=prompt_len, adapter_layers=layers,
+                                                                       task_type="CAUSAL_LM"))
+        del lm  # one copy of the weights, as on our side
+
+        def logits_of(x):
+            return model(input_ids=x).logits
+    gc.collect()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g) for _ in range(steps + 1)]
+
+    def step(x):
+        logits = logits_of(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step(data[0])  # warm-up
+    rss_before = psutil.Process().memory_info().rss
+    with PeakRSS() as peak:
+        started = time.perf_counter()
+        for x in data[1:]:
+            step(x)
+        elapsed = time.perf_counter() - started
+    return {"tokens_per_s": steps * batch * seq_len / elapsed, "peak_rss": peak.peak, "rss_before": rss_before,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, nargs="+", default=[30, 10])
+    p.add_argument("--prompt-len", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:  # a child: one side, one configuration
+        print(json.dumps(one_side(args.side, args.layers[0], args.prompt_len, args.batch, args.seq_len,
+                                  args.steps, args.threads)))
+        return
+    import peft
+    import transformers
+    print(f"SmolLM2-135M fp32, {args.threads} threads, batch {args.batch} x {args.seq_len} tokens, K={args.prompt_len}, "
+          f"{args.steps} timed steps (forward, backward, AdamW); torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, peft {peft.__version__}\n")
+    print("| K | L | trainable (ours / peft) | tok/s ours | tok/s peft | speed ratio | peak RSS ours | "
+          "peak RSS peft | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for layers in args.layers:
+        res = {}
+        for side in ("ours", "peft"):
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--layers", str(layers),
+                                  "--prompt-len", str(args.prompt_len), "--batch", str(args.batch),
+                                  "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        o, q = res["ours"], res["peft"]
+        gib = 1024 ** 3
+        print(f"| {args.prompt_len} | {layers} | {o['trainable']:,} / {q['trainable']:,} | {o['tokens_per_s']:.0f} | "
+              f"{q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x | {o['peak_rss'] / gib:.2f} GiB | "
+              f"{q['peak_rss'] / gib:.2f} GiB | {o['peak_rss'] / q['peak_rss']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
