@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench claims clean
 
 $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,24 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+$(VENV)/.dev: $(VENV)/.test requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
 demo: $(VENV)/.runtime
 	$(PY) -m core.generate --model smollm2
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.test
+bench: $(VENV)/.dev
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_train.py
+
+claims: $(VENV)/.dev
+	$(PY) -m train.claims.zero_init
+	$(PY) -m train.claims.layers
+	$(PY) -m train.claims.vs_lora
 
 clean:
 	rm -rf $(VENV)

@@ -45,10 +45,13 @@ class PeakRSS:
         self.thread.join()
 
 
-def one_side(side: str, layers: int, prompt_len: int, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int, seq_len: int, steps: int,
+             threads: int) -> dict:
+    """bf16: the frozen base stored in bf16, trainable parameters in fp32, bf16 autocast, on both
+    sides (what train.finetune does by default on CPUs with native bf16)."""
     torch.set_num_threads(threads)
     from core.loading import load_model
-    lm = load_model("smollm2", "float32", "cpu")
+    lm = load_model("smollm2", "bfloat16" if precision == "bf16" else "float32", "cpu")
     torch.manual_seed(0)
     if side == "ours":
         from core.adapter import Adapter, AdapterConfig
@@ -69,12 +72,15 @@ def one_side(side: str, layers: int, prompt_len: int, batch: int, seq_len: int, 
             return model(input_ids=x).logits
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g) for _ in range(steps + 1)]
 
     def step(x):
-        logits = logits_of(x[:, :-1])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = logits_of(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
@@ -95,6 +101,7 @@ def one_side(side: str, layers: int, prompt_len: int, batch: int, seq_len: int, 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, nargs="+", default=[30, 10])
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     p.add_argument("--prompt-len", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -103,28 +110,29 @@ def main():
     p.add_argument("--side", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:  # a child: one side, one configuration
-        print(json.dumps(one_side(args.side, args.layers[0], args.prompt_len, args.batch, args.seq_len,
-                                  args.steps, args.threads)))
+        print(json.dumps(one_side(args.side, args.precision[0], args.layers[0], args.prompt_len, args.batch,
+                                  args.seq_len, args.steps, args.threads)))
         return
     import peft
     import transformers
-    print(f"SmolLM2-135M fp32, {args.threads} threads, batch {args.batch} x {args.seq_len} tokens, K={args.prompt_len}, "
+    print(f"SmolLM2-135M, {args.threads} threads, batch {args.batch} x {args.seq_len} tokens, K={args.prompt_len}, "
           f"{args.steps} timed steps (forward, backward, AdamW); torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}\n")
-    print("| K | L | trainable (ours / peft) | tok/s ours | tok/s peft | speed ratio | peak RSS ours | "
+    print("| precision | K | L | trainable (ours / peft) | tok/s ours | tok/s peft | speed ratio | peak RSS ours | "
           "peak RSS peft | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for layers in args.layers:
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for precision, layers in [(p, n) for p in args.precision for n in args.layers]:
         res = {}
         for side in ("ours", "peft"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--layers", str(layers),
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--precision", precision,
+                                  "--layers", str(layers),
                                   "--prompt-len", str(args.prompt_len), "--batch", str(args.batch),
                                   "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                                   "--threads", str(args.threads)], capture_output=True, text=True, check=True)
             res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         o, q = res["ours"], res["peft"]
         gib = 1024 ** 3
-        print(f"| {args.prompt_len} | {layers} | {o['trainable']:,} / {q['trainable']:,} | {o['tokens_per_s']:.0f} | "
+        print(f"| {precision} | {args.prompt_len} | {layers} | {o['trainable']:,} / {q['trainable']:,} | {o['tokens_per_s']:.0f} | "
               f"{q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x | {o['peak_rss'] / gib:.2f} GiB | "
               f"{q['peak_rss'] / gib:.2f} GiB | {o['peak_rss'] / q['peak_rss']:.2f}x |", flush=True)
 

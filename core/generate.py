@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="adapter file (.safetensors, or the official V1 .pth)")
     p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
-    p.add_argument("--format", choices=FORMATS, help="prompt format (default: from the checkpoint)")
+    p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -60,7 +60,12 @@ def run(args) -> int:
     rank = 0
     lm = load_model(args.model, args.dtype, args.device, args.format)
     if args.adapter:
-        load_adapter(args.adapter, lm.model)
+        adapter = load_adapter(args.adapter, lm.model)
+        trained_on = adapter.meta.get("training", {}).get("prompt_format")
+        if trained_on and trained_on != lm.chat_format and not args.format:
+            # chat in the format the adapter learned its replies in, without the checkpoint's
+            # default system prompt, which its training prompts did not have
+            lm.chat_format, lm.system_prompt = trained_on, None
     if parallel.world_size() > 1:
         device = str(lm.model.tok_embeddings.weight.device)
         rank, _ = parallel.init_model_parallel(device)

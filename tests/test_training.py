@@ -44,7 +44,8 @@ def data_file(tmp_path_factory):
 
 def train_args(model_dir, data, out, *extra):
     return ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--layers", "2",
-            "--prompt-len", "4", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0", *extra]
+            "--prompt-len", "4", "--batch-size", "4", "--lr", "0.05", "--warmup-epochs", "0",
+            "--precision", "fp32", *extra]  # fp32: the exactness checks below compare bit for bit
 
 
 def losses(out: Path) -> list[float]:
@@ -196,3 +197,15 @@ def test_embedded_model_short_run_improves_held_out_json_formatting(tmp_path, sm
     finally:
         adapter.detach()
     assert after >= before + 0.5, (before, after, pairs[:3])
+
+
+def test_shipped_datasets_validate_and_task_splits_are_deterministic_and_disjoint():
+    from train.data import shipped_datasets
+    from train.tasks import TASKS, answer_of, task_records
+    assert "pirate" in shipped_datasets() and len(load_records("pirate")) >= 40
+    for task in TASKS:
+        train, test = task_records(task, "train"), task_records(task, "test")
+        assert len(test) >= 40 and train[:5] == task_records(task, "train", 5)
+        assert not {(r["instruction"], r["input"]) for r in train} & {(r["instruction"], r["input"]) for r in test}
+        assert all(answer_of(r["output"]) == r["output"] for r in test)  # the answers survive extraction
+    assert load_records("task:arithmetic")[0] == task_records("arithmetic", "train")[0]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from core.adapter import Adapter, AdapterConfig, base_description, save_adapter
 from core.errors import UserError
 from core.files import atomic_path, write_json
-from core.loading import LoadedModel, load_model
+from core.loading import LoadedModel, cpu_has_fast_bf16, load_model
 from core.parallel import apply_fsdp
 from train.data import collate, length_grouped_batches, load_records, tokenize_records
 
@@ -68,10 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     o.add_argument("--max-seq-len", type=int, default=512)
     o.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast; auto: bf16 on GPUs that have it, else fp32")
+                   help="autocast; auto: bf16 where the GPU or CPU computes it natively, else fp32")
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("run")
-    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base weights' dtype")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the frozen base's dtype (default: bfloat16 under bf16 precision, else the device's)")
     r.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     r.add_argument("--save-every", type=int, default=0, help="write adapter-stepN every N steps")
     r.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps")
@@ -175,8 +176,16 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     if rank == 0 and not args.resume:
         write_json(out / "config.json", {k: v for k, v in vars(args).items() if k != "resume"})
     log = RunLog(out, rank == 0)
+    precision = args.precision
+    if precision == "auto":
+        fast_bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") else \
+            device == "cpu" and cpu_has_fast_bf16()
+        precision = "bf16" if fast_bf16 else "fp32"
+    # the frozen base needs no fp32 master copy: under bf16 autocast it is stored in bf16 (half the
+    # memory, no per-step casts); the adapter's own parameters stay fp32
+    dtype = args.dtype or ("bfloat16" if precision == "bf16" else None)
     # with --fsdp the base is read into CPU memory, then each rank keeps 1/world of it on `device`
-    lm = lm or load_model(args.model, args.dtype, "cpu" if args.fsdp else device)
+    lm = lm or load_model(args.model, dtype, "cpu" if args.fsdp else device)
     model, tok = lm.model, lm.tokenizer
     base = base_description(model)  # the adapter files' record of the base, taken while it is whole
     base_numel = sum(p.numel() for p in model.parameters())
@@ -212,9 +221,6 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     warmup = round(args.warmup_epochs * steps_per_epoch)
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
 

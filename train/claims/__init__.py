@@ -27,7 +27,8 @@ def train_and_evaluate(lm: LoadedModel, name: str, *flags: str) -> dict:
     """Fine-tune an adapter on TASK with `flags`, then score it on the held-out split."""
     out = OUT / "runs" / name
     args = parse_args(["--data", f"task:{TASK}", "--out", str(out), "--max-steps", str(STEPS),
-                       "--batch-size", str(BATCH), "--lr", str(LR), "--warmup-epochs", "0.01", *flags])
+                       "--batch-size", str(BATCH), "--lr", str(LR), "--warmup-epochs", "0.01",
+                       "--precision", "fp32", *flags])  # as the LoRA side (train.peers) computes
     for stale in ("metrics.jsonl", "train.log"):
         (out / stale).unlink(missing_ok=True)
     started = time.time()
