@@ -55,11 +55,13 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
     torch.manual_seed(0)
     if side == "ours":
         from core.adapter import Adapter, AdapterConfig
+        from train.loss import response_loss
         model = lm.model
         Adapter.create(model, AdapterConfig(prompt_len, layers)).attach(model)
 
-        def logits_of(x):
-            return model(x)
+        def loss_of(x):  # what train.finetune computes (with every position a target here)
+            loss, count = response_loss(model, x[:, :-1], x[:, 1:])
+            return loss / count
     else:
         from peft import AdaptionPromptConfig, get_peft_model
 
@@ -68,8 +70,9 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
                                                                        task_type="CAUSAL_LM"))
         del lm  # one copy of the weights, as on our side
 
-        def logits_of(x):
-            return model(input_ids=x).logits
+        def loss_of(x):
+            logits = model(input_ids=x[:, :-1]).logits
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -80,8 +83,7 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = logits_of(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+            loss = loss_of(x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

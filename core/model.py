@@ -209,12 +209,14 @@ class Transformer(nn.Module):
         return len(self.layers)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
-                last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, select: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """tokens (B, T) at cache positions [start_pos, start_pos+T).
         key_mask (B, start_pos+T) bool marks real (non-pad) tokens, for batches of left-padded
         prompts; RoPE positions then count real tokens only. Returns logits (B, T|1, vocab) fp32,
         or with `select` ((B, T) bool) only the selected positions' logits, (N, vocab): training
-        needs them at response tokens only, and the output head is a large share of the work."""
+        needs them at response tokens only, and the output head is a large share of the work.
+        return_hidden: the final-normed hidden states instead of logits (for a fused head + loss)."""
         B, T = tokens.shape
         grad = torch.is_grad_enabled()
         first = self.first_trainable_layer() if grad else len(self.layers)
@@ -247,7 +249,8 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         if select is not None:
             h = h[select]
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return h if return_hidden else self.output(h).float()
 
 
 def fused_weight(linears, fused: torch.Tensor | None) -> torch.Tensor | None:

@@ -209,3 +209,29 @@ def test_shipped_datasets_validate_and_task_splits_are_deterministic_and_disjoin
         assert not {(r["instruction"], r["input"]) for r in train} & {(r["instruction"], r["input"]) for r in test}
         assert all(answer_of(r["output"]) == r["output"] for r in test)  # the answers survive extraction
     assert load_records("task:arithmetic")[0] == task_records("arithmetic", "train")[0]
+
+
+def test_tiny_random_fused_head_loss_equals_plain_cross_entropy_with_gradients():
+    import torch.nn.functional as F
+
+    from core.adapter import Adapter, AdapterConfig
+    from tests.test_adapter import tiny_random_model, trained_copy
+    from train.loss import CHUNK, response_loss
+    model = tiny_random_model()
+    adapter = trained_copy(Adapter.create(model, AdapterConfig(prompt_len=3, layers=2))).attach(model)
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randint(0, 100, (3, 110), generator=g)
+    targets = torch.randint(0, 100, (3, 110), generator=g)
+    targets[:, :20] = -100  # prompt positions; 270 targets span two chunks
+    assert (targets != -100).sum() > CHUNK
+    loss, count = response_loss(model, inputs, targets)
+    loss.backward()
+    fused = [p.grad.clone() for p in adapter.parameters()]
+    adapter.zero_grad()
+    select = targets != -100
+    plain = F.cross_entropy(model(inputs, select=select), targets[select], reduction="sum")
+    plain.backward()
+    assert count == 270
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-4)
+    for a, b in zip(fused, (p.grad for p in adapter.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,6 @@ import dataclasses
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from core.adapter import load_adapter
 from core.chat_format import FORMATS, alpaca_prompt, render
@@ -21,6 +20,7 @@ from core.errors import UserError
 from core.generation import Generator, SamplingParams
 from core.loading import LoadedModel, load_model
 from train.data import collate, tokenize_records
+from train.loss import response_loss
 from train.tasks import TASKS, answer_of, task_records
 
 
@@ -45,10 +45,8 @@ def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: 
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         inputs, targets = collate(examples[i:i + batch_size])
-        select = targets != -100
-        logits = lm.model(inputs.to(device), select=select.to(device))
-        total += F.cross_entropy(logits, targets[select].to(device), reduction="sum").item()
-        count += int(select.sum())
+        loss, n = response_loss(lm.model, inputs.to(device), targets.to(device))
+        total, count = total + loss.item(), count + n
     return total / count
 
 

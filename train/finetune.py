@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from core.adapter import Adapter, AdapterConfig, base_description, save_adapter
 from core.errors import UserError
@@ -37,6 +36,7 @@ from core.files import atomic_path, write_json
 from core.loading import LoadedModel, cpu_has_fast_bf16, load_model
 from core.parallel import apply_fsdp
 from train.data import collate, length_grouped_batches, load_records, tokenize_records
+from train.loss import response_loss
 
 STOP = {"requested": False}
 
@@ -269,10 +269,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
                 # a rank without data still runs a forward, weighted 0: FSDP's gathers need everyone
                 weight, part = (1.0, part) if part else (0.0, val_examples[:1])
                 inputs, targets = collate(part)
-                select = targets != -100
-                logits = model(inputs.to(device), select=select.to(device))
-                total += weight * torch.tensor([F.cross_entropy(logits, targets[select].to(device), reduction="sum").item(),
-                                                select.sum().item()], dtype=torch.float64)
+                loss, count = response_loss(model, inputs.to(device), targets.to(device))
+                total += weight * torch.tensor([loss.item(), count], dtype=torch.float64)
         all_sum(total, world)
         return (total[0] / total[1]).item()
 
@@ -306,10 +304,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
             weight, part = (1.0, part) if part else (0.0, batch[:1])
             inputs, targets = collate(part)
             inputs, targets = inputs.to(device), targets.to(device)
-            select = targets != -100
             with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(inputs, select=select)
-            loss = weight * F.cross_entropy(logits.float(), targets[select], reduction="sum")
+                loss = weight * response_loss(model, inputs, targets)[0]
             scaler.scale(loss / n_targets).backward()
             loss_sum += loss.item()
             window_tokens += int(weight) * sum(len(e.tokens) for e in part)
