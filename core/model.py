@@ -123,12 +123,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, start_pos: int):
         B, T, _ = x.shape
-        qkv = fused_weight((self.wq, self.wk, self.wv), self.wqkv)
-        if qkv is not None:
-            q, k, v = F.linear(x, qkv).split([self.wq.out_features, self.wk.out_features,
-                                              self.wv.out_features], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = project(x, (self.wq, self.wk, self.wv), self.wqkv)
         # -1: the number of heads is whatever this module holds (fewer under model parallelism)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -153,11 +148,7 @@ class FeedForward(nn.Module):
         self.w13: torch.Tensor | None = None  # [w1; w3] in one storage (cpu_decode_layout)
 
     def forward(self, x):
-        w13 = fused_weight((self.w1, self.w3), self.w13)
-        if w13 is not None:
-            gate, up = F.linear(x, w13).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = project(x, (self.w1, self.w3), self.w13)
         return self.w2(F.silu(gate) * up)
 
 
@@ -253,23 +244,30 @@ class Transformer(nn.Module):
         return h if return_hidden else self.output(h).float()
 
 
-def fused_weight(linears, fused: torch.Tensor | None) -> torch.Tensor | None:
-    """`fused` if it still holds the weights of `linears` stacked in order, else None.
+def project(x: torch.Tensor, linears, fused: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """x through each of `linears`: one matmul on their `fused` weight while it still holds them."""
+    if still_fused(linears, fused):
+        return F.linear(x, fused).split([linear.out_features for linear in linears], dim=-1)
+    return tuple(linear(x) for linear in linears)
+
+
+def still_fused(linears, fused: torch.Tensor | None) -> bool:
+    """Whether `fused` still holds the weights of `linears`, stacked in order.
 
     cpu_decode_layout() makes q|k|v and gate|up one matrix each while the separate Linears keep
     viewing their slice, so adapters (which call wk/wv), state_dict and loaders see no change. Any
     later transform that wraps or replaces one of them (V2 bias/scale, model parallelism), moves it
     (.to) or makes it trainable breaks the match, and the layer falls back to separate matmuls."""
     if fused is None:
-        return None
+        return False
     row = 0
     for linear in linears:
         w = linear.weight
         if (type(linear) is not nn.Linear or w.requires_grad or w.device != fused.device
                 or w.stride() != fused.stride() or w.data_ptr() != fused[row].data_ptr()):
-            return None
+            return False
         row += w.shape[0]
-    return fused
+    return True
 
 
 def cpu_decode_layout(model: "Transformer") -> "Transformer":

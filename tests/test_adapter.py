@@ -223,27 +223,27 @@ class Evil:
 
 
 def test_tiny_random_cpu_decode_layout_fuses_and_falls_back_when_v2_wraps_linears():
-    from core.model import cpu_decode_layout, fused_weight
+    from core.model import cpu_decode_layout, still_fused
     model = tiny_random_model()
     x = x_tokens()
     with torch.no_grad():
         base = model(x)
         cpu_decode_layout(model)
         attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
-        assert fused_weight((attn.wq, attn.wk, attn.wv), attn.wqkv) is not None
-        assert fused_weight((ffn.w1, ffn.w3), ffn.w13) is not None
+        assert still_fused((attn.wq, attn.wk, attn.wv), attn.wqkv)
+        assert still_fused((ffn.w1, ffn.w3), ffn.w13)
         torch.testing.assert_close(model(x), base, rtol=0, atol=1e-5)
     adapter = trained_copy(Adapter.create(model, AdapterConfig(prompt_len=3, layers=4, bias_scale=True)))
     adapter.attach(model)
-    assert fused_weight((attn.wq, attn.wk, attn.wv), attn.wqkv) is None  # wrapped: separate matmuls
+    assert not still_fused((attn.wq, attn.wk, attn.wv), attn.wqkv)  # wrapped: separate matmuls
     with torch.no_grad():
         adapted = model(x)
     adapter.detach()
-    assert fused_weight((attn.wq, attn.wk, attn.wv), attn.wqkv) is not None
+    assert still_fused((attn.wq, attn.wk, attn.wv), attn.wqkv)
     plain = tiny_random_model()  # the same adapter on an unfused copy gives the same logits
     adapter.attach(plain)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), adapted, rtol=0, atol=1e-5)
     # unfreezing a fused weight for training turns fusion off, so its gradient is not lost
     attn.wq.weight.requires_grad_(True)
-    assert fused_weight((attn.wq, attn.wk, attn.wv), attn.wqkv) is None
+    assert not still_fused((attn.wq, attn.wk, attn.wv), attn.wqkv)

@@ -182,6 +182,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return batches
 
 
+def rank_share(items: list, first: int, size: int) -> tuple[float, list]:
+    """(weight, items[first:first+size]), this rank's share of a batch. A rank left without data
+    (a short last batch) gets the first item with weight 0 instead: it still runs a forward and
+    backward, because FSDP's weight gathers need every rank, and the sums stay right."""
+    part = items[first:first + size]
+    return (1.0, part) if part else (0.0, items[:1])
+
+
 def collate(examples: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (B, T-1), right-padded; targets are -100 except at response tokens.
     Right padding keeps every real token's causal context free of pads, so no mask is needed."""

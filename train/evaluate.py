@@ -19,8 +19,8 @@ from core.chat_format import FORMATS, alpaca_prompt, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
 from core.loading import LoadedModel, load_model
-from train.data import collate, tokenize_records
-from train.loss import response_loss
+from train.data import tokenize_records
+from train.loss import summed_loss
 from train.tasks import TASKS, answer_of, task_records
 
 
@@ -41,13 +41,8 @@ def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: 
     if fmt != "alpaca":
         records = [as_chat(r) for r in records]
     examples = tokenize_records(records, lm.tokenizer, fmt, lm.system_prompt)
-    device = lm.model.tok_embeddings.weight.device
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        inputs, targets = collate(examples[i:i + batch_size])
-        loss, n = response_loss(lm.model, inputs.to(device), targets.to(device))
-        total, count = total + loss.item(), count + n
-    return total / count
+    total, count = summed_loss(lm.model, examples, batch_size, lm.model.tok_embeddings.weight.device)
+    return (total / count).item()
 
 
 @torch.no_grad()

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from core.adapter import Adapter, AdapterConfig, base_description, save_adapter
 from core.errors import UserError
 from core.files import atomic_path, write_json
-from core.loading import LoadedModel, cpu_has_fast_bf16, load_model
+from core.loading import LoadedModel, cpu_has_fast_bf16, default_device, load_model
 from core.parallel import apply_fsdp
-from train.data import collate, length_grouped_batches, load_records, tokenize_records
-from train.loss import response_loss
+from train.data import collate, length_grouped_batches, load_records, rank_share, tokenize_records
+from train.loss import response_loss, summed_loss
 
 STOP = {"requested": False}
 
@@ -109,7 +109,15 @@ def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
-# -- the schedule: linear warmup, then half a cosine ---------------------------------------------
+# -- optimizer and schedule, as the paper -----------------------------------------------------------
+def paper_optimizer(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95); weight decay on matrices only (not gates, biases, scales, norms)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+# linear warmup, then half a cosine
 def lr_at(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -168,7 +176,6 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     val_records = load_records(args.val_data) if args.val_data else []
 
     # 2. processes, model, adapter
-    from core.loading import default_device
     rank, world, device = setup_distributed(args.device or default_device())
     if args.fsdp and world == 1:
         raise UserError("--fsdp shards the base across processes: launch with torchrun --nproc_per_node N")
@@ -208,13 +215,10 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     params = [p for p in adapter.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
 
-    # 3. optimizer and schedule, as the paper: AdamW (0.9, 0.95), decay on matrices only
+    # 3. optimizer and schedule
     global_batch = args.batch_size * world * args.accum
     peak_lr = args.lr if args.lr is not None else args.blr * global_batch / 256
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=peak_lr, betas=(0.9, 0.95))
+    optimizer = paper_optimizer(params, peak_lr, args.weight_decay)
     lengths = [len(e.tokens) for e in examples]
     steps_per_epoch = len(length_grouped_batches(lengths, global_batch, args.seed, 0))
     total_steps = math.ceil(args.epochs * steps_per_epoch)
@@ -245,7 +249,7 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         if rank != 0:
             return
         with atomic_path(out / "state.pt") as tmp:
-            torch.save({"step": step, "epoch": step // steps_per_epoch, "batch": step % steps_per_epoch,
+            torch.save({"step": step,  # the data position too: batch plans are fixed by (seed, epoch)
                         "adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state()}, tmp)
 
@@ -261,18 +265,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
 
     def validation_loss() -> float:
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for i in range(0, len(val_examples), world * args.batch_size):
-                first = i + rank * args.batch_size
-                part = val_examples[first:first + args.batch_size]
-                # a rank without data still runs a forward, weighted 0: FSDP's gathers need everyone
-                weight, part = (1.0, part) if part else (0.0, val_examples[:1])
-                inputs, targets = collate(part)
-                loss, count = response_loss(model, inputs.to(device), targets.to(device))
-                total += weight * torch.tensor([loss.item(), count], dtype=torch.float64)
-        all_sum(total, world)
-        return (total[0] / total[1]).item()
+        total, count = all_sum(summed_loss(model, val_examples, args.batch_size, device, rank, world), world)
+        return (total / count).item()
 
     def stop_agreed() -> bool:
         """Every rank must stop at the same micro-batch, or the others would wait forever."""
@@ -297,11 +291,7 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         model.train()
         loss_sum = torch.zeros(1, dtype=torch.float64)
         for micro in range(args.accum):
-            first = (micro * world + rank) * args.batch_size
-            part = batch[first:first + args.batch_size]
-            # a rank left without data (a short last batch) still runs a forward and backward,
-            # weighted 0: FSDP's gathers need every rank, and the gradient sum stays right
-            weight, part = (1.0, part) if part else (0.0, batch[:1])
+            weight, part = rank_share(batch, (micro * world + rank) * args.batch_size, args.batch_size)
             inputs, targets = collate(part)
             inputs, targets = inputs.to(device), targets.to(device)
             with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from train.data import Example, collate, rank_share
+
 CHUNK = 256  # positions per chunk: 256 x 49152 fp32 logits = 48 MB
 
 
@@ -47,3 +49,17 @@ def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[t
     # no gradient wanted, a trainable head, or a sharded one (FSDP gathers it only inside forward)
     logits = model(inputs, select=select)
     return F.cross_entropy(logits.float(), targets[select], reduction="sum"), int(select.sum())
+
+
+@torch.no_grad()
+def summed_loss(model, examples: list[Example], batch_size: int, device, rank: int = 0,
+                world: int = 1) -> torch.Tensor:
+    """[summed loss, number of targets] over this rank's share of `examples` (all of them in one
+    process); ranks add theirs up."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(examples), world * batch_size):
+        weight, part = rank_share(examples, i + rank * batch_size, batch_size)
+        inputs, targets = collate(part)
+        loss, count = response_loss(model, inputs.to(device), targets.to(device))
+        total += weight * torch.tensor([loss.item(), count], dtype=torch.float64)
+    return total

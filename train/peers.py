@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from core.loading import LoadedModel, build_model, hf_to_core_name
 from train.data import Example, collate, length_grouped_batches
-from train.finetune import lr_at
+from train.finetune import lr_at, paper_optimizer
 
 
 def hf_twin(model):
@@ -50,9 +50,7 @@ def train_peft(model, examples: list[Example], steps: int, batch_size: int, lr: 
     """Train a peft model's trainable parameters as train.finetune would train an adapter (one
     process, no accumulation). Returns the loss curve, wall time and tokens/s."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    optimizer = paper_optimizer(params, lr, weight_decay)
     lengths = [len(e.tokens) for e in examples]
     per_epoch = len(length_grouped_batches(lengths, batch_size, seed, 0))
     model.train()
