@@ -1,10 +1,10 @@
-# `make demo`: chat with the embedded default model.  `make test`: the test suite.
-# Both create .venv and install what they need on first use.
+# `make app`: the studio (Gradio) on the embedded default model.  `make test`: the test suite.
+# Both create .venv and install what they need on first use (`make test` also Debian's chromium).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench claims clean
+.PHONY: app chat test bench claims clean
 
 $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,19 @@ $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
+	@# the browser tests drive Debian's chromium (Playwright's own browser download is not reachable)
+	[ -x /usr/bin/chromium ] || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$S apt-get update -q && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -q chromium; }
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.test requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-demo: $(VENV)/.runtime
+app: $(VENV)/.runtime
+	$(PY) app.py
+
+chat: $(VENV)/.runtime
 	$(PY) -m core.generate --model smollm2
 
 test: $(VENV)/.test
@@ -29,6 +35,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.dev
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_app.py
 
 claims: $(VENV)/.dev
 	$(PY) -m train.claims.zero_init

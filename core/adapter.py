@@ -206,19 +206,25 @@ def base_description(model: Transformer) -> dict:
 
 
 def check_compatible(adapter: Adapter, model: Transformer):
-    base = adapter.meta.get("base")
+    check_base(adapter.meta, model)
+    if adapter.n_model_layers != model.args.n_layers:
+        raise UserError(f"adapter expects {adapter.n_model_layers} layers, this model has {model.args.n_layers}")
+
+
+def check_base(meta: dict, model: Transformer):
+    """Refuse an adapter whose metadata names a different base model (shape or weights)."""
+    base = meta.get("base")
+    if not base:
+        return
     a = model.args
-    if base:
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
-            if base.get(key) != getattr(a, key):
-                raise UserError(f"adapter was made for a different base model: {key} {base.get(key)} "
-                                f"vs this model's {getattr(a, key)}")
-        fp, ours = base.get("fingerprint"), base_fingerprint(model)
-        if fp and any(abs(x - y) > 0.01 * max(abs(x), abs(y), 1e-3) for x, y in zip(fp, ours)):
-            raise UserError("adapter was made for a different base model: same shape, different weights "
-                            "(fingerprint differs)")
-    elif adapter.n_model_layers != a.n_layers:
-        raise UserError(f"adapter expects {adapter.n_model_layers} layers, this model has {a.n_layers}")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size"):
+        if base.get(key) != getattr(a, key):
+            raise UserError(f"adapter was made for a different base model: {key} {base.get(key)} "
+                            f"vs this model's {getattr(a, key)}")
+    fp, ours = base.get("fingerprint"), base_fingerprint(model)
+    if fp and any(abs(x - y) > 0.01 * max(abs(x), abs(y), 1e-3) for x, y in zip(fp, ours)):
+        raise UserError("adapter was made for a different base model: same shape, different weights "
+                        "(fingerprint differs)")
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def run(args) -> int:
     from core import parallel
     from core.adapter import load_adapter
     from core.loading import load_model
+    from core.serving import chat_setup
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; accepted here: cpu")
@@ -61,11 +62,8 @@ def run(args) -> int:
     lm = load_model(args.model, args.dtype, args.device, args.format)
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
-        trained_on = adapter.meta.get("training", {}).get("prompt_format")
-        if trained_on and trained_on != lm.chat_format and not args.format:
-            # chat in the format the adapter learned its replies in, without the checkpoint's
-            # default system prompt, which its training prompts did not have
-            lm.chat_format, lm.system_prompt = trained_on, None
+        if not args.format:
+            lm.chat_format, lm.system_prompt, _ = chat_setup(lm, adapter)
     if parallel.world_size() > 1:
         device = str(lm.model.tok_embeddings.weight.device)
         rank, _ = parallel.init_model_parallel(device)

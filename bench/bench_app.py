@@ -1,0 +1,154 @@
+"""What a client of the app sees: time to first token and tokens/s through Gradio's API
+(gradio_client, streaming) with 1 and 4 concurrent chats, against the same engine called
+in-process (no Gradio); and adapter swap latency, in-process and through the API.
+
+    .venv/bin/python bench/bench_app.py [--new-tokens 64] [--rounds 2]
+
+Starts `app.py` as a subprocess on a free port with a temporary adapter folder holding one
+K=10, L=30 adapter (the training default), the way a user runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms, step by step.",
+             "Describe the city of Paris to a child.", "List some tips for learning to cook."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapter(folder: Path):
+    from core.adapter import Adapter, AdapterConfig, save_adapter
+    from core.loading import load_model
+    lm = load_model("smollm2", "float32", "cpu")
+    adapter = Adapter.create(lm.model, AdapterConfig(prompt_len=10, layers=30))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_adapter(adapter, folder / "k10-l30.safetensors", lm.model)
+    return lm
+
+
+def in_process(lm, n_chats: int, new_tokens: int) -> list[tuple[float, float]]:
+    """(ttft, tok/s) per chat through ChatEngine directly."""
+    from app.studio import Studio
+    studio = Studio(lm, tempfile.mkdtemp(), tempfile.mkdtemp())
+    replies = [studio.start_reply([{"role": "user", "content": q}], "", new_tokens, 0.0, 1.0)[0]
+               for q in QUESTIONS[:n_chats]]
+    for r in replies:
+        list(r)
+    return [(r.first_token - r.submitted, r.tokens_per_s) for r in replies]
+
+
+def through_api(url: str, tokenizer, n_chats: int, new_tokens: int) -> list[tuple[float, float]]:
+    from gradio_client import Client
+    client = Client(url, verbose=False)
+    results = [None] * n_chats
+
+    def one(i):
+        t0 = time.perf_counter()
+        first = last = None
+        text = ""
+        for text in client.submit(QUESTIONS[i], "", new_tokens, 0.0, 1.0, api_name="/chat"):
+            now = time.perf_counter()
+            if first is None and text:
+                first = now
+            last = now
+        n = len(tokenizer.encode(text))
+        results[i] = (first - t0, (n - 1) / max(last - first, 1e-9))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n_chats)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp())
+    lm = make_adapter(tmp / "adapters")
+
+    print("in-process engine (no Gradio)")
+    for n in (1, 4):
+        rows = [r for _ in range(args.rounds) for r in in_process(lm, n, args.new_tokens)]
+        print(f"  {n} chat(s): ttft {statistics.median(r[0] for r in rows):.2f} s, "
+              f"{statistics.median(r[1] for r in rows):.1f} tok/s per chat")
+    # swap latency in-process: cold (first load from disk) and warm (already in memory)
+    from app.studio import Studio
+    studio = Studio(lm, tmp / "adapters", tmp / "runs")
+    cold = []
+    for _ in range(5):
+        studio.registry._loaded.clear()
+        t0 = time.perf_counter()
+        studio.make_live("k10-l30")
+        cold.append(time.perf_counter() - t0)
+        studio.make_live(None)
+    warm = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        studio.make_live("k10-l30")
+        studio.make_live(None)
+        warm.append((time.perf_counter() - t0) / 2)
+    print(f"  adapter swap: first load from disk {1000 * statistics.median(cold):.1f} ms, "
+          f"already loaded {1000 * statistics.median(warm):.3f} ms")
+    tokenizer = lm.tokenizer
+    del studio, lm
+
+    port = free_port()
+    log = open(tmp / "app.log", "w")
+    app = subprocess.Popen([sys.executable, "app.py", "--adapters", str(tmp / "adapters"), "--runs", str(tmp / "runs"),
+                            "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        print("through Gradio's API (gradio_client, streaming)")
+        through_api(url, tokenizer, 1, 8)  # warm-up
+        for n in (1, 4):
+            rows = [r for _ in range(args.rounds) for r in through_api(url, tokenizer, n, args.new_tokens)]
+            print(f"  {n} chat(s): ttft {statistics.median(r[0] for r in rows):.2f} s, "
+                  f"{statistics.median(r[1] for r in rows):.1f} tok/s per chat, "
+                  f"{n * statistics.median(r[1] for r in rows):.1f} tok/s in all")
+        from gradio_client import Client
+        client = Client(url, verbose=False)
+        trips, server = [], []
+        for name in ["k10-l30", "(none)"] * 5:
+            t0 = time.perf_counter()
+            out = client.predict(name, api_name="/switch")
+            trips.append(time.perf_counter() - t0)
+            server.append(float(re.search(r"last swap ([\d.]+) ms", out[0]).group(1)))
+        print(f"  adapter swap via the API: {statistics.median(server):.2f} ms in the server, "
+              f"{1000 * statistics.median(trips):.0f} ms round trip")
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

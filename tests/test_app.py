@@ -1,0 +1,290 @@
+"""The app's handlers and its job runner, without a browser: chat turns on the real embedded
+model through the serving engine, adapter hot-swap and the registry, and background training
+jobs as real torchrun subprocesses on a tiny random model."""
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.studio import Studio, message_text
+from core.adapter import Adapter, AdapterConfig, save_adapter
+from core.errors import UserError
+from core.loading import load_model
+from core.registry import AdapterRegistry, clean_name
+from tests.helpers import hf_llama
+from train.jobs import JobRunner
+
+
+@pytest.fixture(scope="module")
+def studio(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("studio")
+    return Studio(smollm2, root / "adapters", root / "runs")
+
+
+def persona_adapter(lm, path: Path, seed: int, scale: float = 1.5) -> Path:
+    """An adapter with open gates and random prompts: it visibly changes greedy replies."""
+    torch.manual_seed(seed)
+    adapter = Adapter.create(lm.model, AdapterConfig(prompt_len=4, layers=6))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.prompt.prompt.normal_(0, scale)
+            layer.prompt.gate.fill_(0.8)
+    save_adapter(adapter, path, lm.model, training={"dataset": "random", "steps": 0, "final_loss": 1.0})
+    return path
+
+
+def ask(studio, text, **kw):
+    history = [{"role": "user", "content": [{"text": text, "type": "text"}]}]  # as Gradio 6 hands it over
+    reply, notice = studio.start_reply(history, "", kw.get("max_new", 24), 0.0, 1.0, owner=kw.get("owner", ""))
+    return reply, notice
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def test_reply_streams_on_the_embedded_model(studio):
+    reply, notice = ask(studio, "What is the capital of France?")
+    deltas = list(reply)
+    assert notice is None and len(deltas) > 2, deltas
+    assert "Paris" in "".join(deltas)
+    assert reply.tokens >= len(deltas) and reply.tokens_per_s > 0
+
+
+def test_empty_message_and_bad_settings_are_refused_with_a_message(studio):
+    with pytest.raises(UserError, match="empty message"):
+        ask(studio, "   ")
+    with pytest.raises(UserError, match="top_p"):
+        studio.start_reply([{"role": "user", "content": "hi"}], "", 10, 0.5, 0.0)
+    with pytest.raises(UserError, match="leaves no room"):
+        studio.start_reply([{"role": "user", "content": "hi"}], "", studio.lm.model.args.max_seq_len, 0.0, 1.0)
+
+
+def test_too_long_history_is_trimmed_with_a_notice(studio):
+    lm = studio.lm
+    long_turns = [{"role": "user", "content": "tell me a story " * 40}, {"role": "assistant", "content": "ok " * 40}] * 3
+    ids, notice = studio.fit_to_context(long_turns + [{"role": "user", "content": "hi"}], lm.chat_format, None,
+                                        lm.model.args.max_seq_len - 200)
+    assert len(ids) <= 200 and "older message" in notice
+    huge = [{"role": "user", "content": "word " * 500 + "the end"}]
+    ids, notice = studio.fit_to_context(huge, lm.chat_format, None, lm.model.args.max_seq_len - 100)
+    assert len(ids) <= 100 and "were cut" in notice
+    assert "the end" in lm.tokenizer.decode(ids)  # the end of the message is what stays
+
+
+def test_interleaved_replies_equal_solo_replies_and_keep_their_adapter(studio, tmp_path):
+    """Two chats at once: each reply is what it would be alone, and a reply started on one adapter
+    finishes on it although the live adapter is switched while it runs."""
+    name = studio.registry.add(persona_adapter(studio.lm, tmp_path / "odd.safetensors", seed=1), "odd")
+    question = "Name three colors."
+    studio.make_live(name)
+    solo_adapter = "".join(ask(studio, question, max_new=30)[0])
+    studio.make_live(None)
+    solo_base = "".join(ask(studio, question, max_new=30)[0])
+    assert solo_adapter != solo_base  # the adapter does change the reply
+
+    studio.make_live(name)
+    first, _ = ask(studio, question, max_new=30)
+    it = iter(first)
+    head = next(it)  # the first reply is running on the adapter...
+    studio.make_live(None)  # ...when the live model is switched to the base
+    second, _ = ask(studio, question, max_new=30)
+    results = {}
+    t = threading.Thread(target=lambda: results.update(second="".join(second)))
+    t.start()
+    results["first"] = head + "".join(it)
+    t.join()
+    assert results["first"] == solo_adapter
+    assert results["second"] == solo_base
+    assert studio.adapter_label(first.adapter) == name and second.adapter is None
+    studio.forget_adapter(name)
+
+
+def test_stop_cancels_only_that_sessions_reply(studio):
+    expected = "".join(ask(studio, "Name three colors.", max_new=40)[0])
+    mine, _ = ask(studio, "Count from one to fifty.", max_new=200, owner="me")
+    other, _ = ask(studio, "Name three colors.", max_new=40, owner="other")
+    it = iter(mine)
+    next(it)
+    studio.engine.cancel("me")
+    rest = list(it)
+    assert mine.tokens < 200 and len(rest) < 100
+    assert "".join(other) == expected and other.error is None  # the other session's reply ran to its end
+
+
+def test_swap_is_a_reference_swap_and_is_reported(studio, tmp_path):
+    name = studio.registry.add(persona_adapter(studio.lm, tmp_path / "p.safetensors", seed=2), "swap-me")
+    line = studio.make_live(name)
+    assert studio.lm.model.adapter is studio.registry.load(name)
+    assert "swap-me" in line and " ms" in line
+    base_weights = studio.lm.model.layers[0].attention.wq.weight
+    studio.make_live(None)
+    assert studio.lm.model.adapter is None
+    assert studio.lm.model.layers[0].attention.wq.weight is base_weights  # the base never reloads
+    studio.forget_adapter(name)
+
+
+def test_message_text_reads_gradio_parts_and_drops_the_stats_footer():
+    m = {"role": "assistant", "content": [{"type": "text", "text": "Paris.\n\n<sub>3 tokens · 9.0 tok/s · adapter: x</sub>"}]}
+    assert message_text(m) == "Paris."
+
+
+# -- registry --------------------------------------------------------------------------------------
+def test_registry_refuses_bad_files_and_sanitizes_names(smollm2, tmp_path):
+    reg = AdapterRegistry(tmp_path / "reg", smollm2.model)
+    good = persona_adapter(smollm2, tmp_path / "good.safetensors", seed=3)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="only .safetensors"):
+        reg.add(tmp_path / "notes.txt")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:-500])
+    with pytest.raises(UserError, match="truncated|corrupt"):
+        reg.add(corrupt)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not an adapter"):
+        reg.add(plain)
+    # made for another base model: refused on upload and marked unusable if copied in by hand
+    other = AdapterRegistry(tmp_path / "other", smollm2.model)
+    hf_llama(tmp_path / "tiny", num_hidden_layers=2)
+    tiny_lm = load_model(str(tmp_path / "tiny"), "float32", "cpu")
+    foreign = tmp_path / "foreign.safetensors"
+    save_adapter(Adapter.create(tiny_lm.model, AdapterConfig(prompt_len=2, layers=1)), foreign, tiny_lm.model)
+    with pytest.raises(UserError, match="different base model"):
+        reg.add(foreign)
+    (other.folder / "foreign.safetensors").write_bytes(foreign.read_bytes())
+    assert "different base model" in other.entries()[0].problem
+
+    assert clean_name("../../etc/passwd") == "passwd"
+    assert clean_name("my adapter (v2).safetensors") == "my-adapter-v2"
+    with pytest.raises(UserError, match="not usable"):
+        clean_name("..")
+    name = reg.add(good, "../../escape")
+    assert name == "escape" and (reg.folder / "escape.safetensors").is_file()
+    assert not (tmp_path / "escape.safetensors").exists()
+    assert reg.rename("escape", "kept") == "kept"
+    with pytest.raises(UserError, match="exists already"):
+        reg.add(good, "kept")
+    entry = reg.entries()[0]
+    assert entry.summary()["K"] == 4 and entry.summary()["dataset"] == "random" and entry.problem is None
+    reg.delete("kept")
+    assert reg.names() == [] and not list(reg.folder.glob(".*tmp"))
+
+
+# -- training jobs ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    hf_llama(path, num_hidden_layers=3)
+    return path
+
+
+def wait_for(predicate, timeout=120, every=0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def write_data(path: Path, n=64) -> Path:
+    words = "fox dog robot moon river jazz wizard dinner".split()
+    path.write_text("".join(json.dumps({"instruction": f"say {words[i % 8]}", "output": words[i % 8]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_tiny_random_job_runs_under_torchrun_cancels_resumes_and_registers(tmp_path, tiny_dir):
+    runner = JobRunner(tmp_path / "runs", model=str(tiny_dir))
+    registry = AdapterRegistry(tmp_path / "adapters", load_model(str(tiny_dir), "float32", "cpu").model)
+    data = write_data(tmp_path / "say.jsonl")
+    opts = {"prompt_len": 4, "layers": 2, "batch_size": 4, "lr": 0.05, "epochs": 200, "precision": "fp32",
+            "save_every": 25}
+    job = runner.start(str(data), "say", nproc=2, options=opts)
+    assert runner.jobs() == [job]
+    # follow the metrics while it runs
+    wait_for(lambda: len(runner.metrics(job)) >= 30)
+    view = runner.view(job)
+    assert view.state == "running" and view.total_steps == 1600 and view.eta is not None
+    assert "step" in runner.log_tail(job)
+    # cancel: a resumable state, exit 0, state "stopped"
+    assert runner.cancel(job, wait=20)
+    view = runner.view(job)
+    assert view.state == "stopped", (view, runner.log_tail(job))
+    stopped_at = view.step
+    assert (runner.runs_dir / job / "state.pt").is_file()
+    assert runner.register_finished(registry) == []  # nothing finished yet
+    # resume, with fewer steps to go: edit the saved config as a user might not; instead let it run
+    # to the end of a shorter plan by rewriting epochs
+    cfg_path = runner.runs_dir / job / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["epochs"] = (stopped_at + 20) / 8  # 8 steps per epoch (64 records, 2 x 4 per step)
+    cfg_path.write_text(json.dumps(cfg))
+    runner.resume(job)
+    wait_for(lambda: runner.view(job).state != "running", timeout=120)
+    view = runner.view(job)
+    assert view.state == "finished", (view, runner.log_tail(job))
+    steps = [m["step"] for m in runner.metrics(job)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= stopped_at + 1  # no gap, no repeat
+    # the finished adapter appears in the registry, and loads for the model
+    assert runner.register_finished(registry) == [job]
+    assert runner.register_finished(registry) == []  # once only
+    assert runner.view(job).adapter == job
+    adapter = registry.load(job)
+    tensors = load_file(str(registry.path(job)))
+    assert adapter.meta["training"]["steps"] == steps[-1] and len(tensors) == 4
+
+
+def test_jobs_refuse_bad_data_before_starting_and_report_crashes(tmp_path, tiny_dir):
+    runner = JobRunner(tmp_path / "runs", model=str(tiny_dir))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: field 'output' is missing"):
+        runner.start(str(bad))
+    assert runner.jobs() == [] and not list(runner.runs_dir.iterdir())
+    # a job that fails at start (its model does not exist): the page learns why
+    broken = JobRunner(tmp_path / "runs", model=str(tmp_path / "no-such-model"))
+    job = broken.start(str(write_data(tmp_path / "ok.jsonl", 8)), options={"precision": "fp32"})
+    wait_for(lambda: broken.view(job).state != "running", timeout=60)
+    view = broken.view(job)
+    assert view.state in ("failed", "crashed") and "no-such-model" in view.error, view
+    with pytest.raises(UserError, match="not running"):
+        broken.cancel(job)
+    with pytest.raises(UserError, match="no job named"):
+        broken.view("../etc")
+
+
+def test_train_tab_refuses_bad_uploads_before_any_job(studio, tmp_path):
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "ho"}\n{"instruction": "hi", "output": 3}\n')
+    with pytest.raises(UserError, match=r"mine.jsonl:2: field 'output'"):
+        studio.start_job("pirate", str(bad), 10, 30, False, False, 1, 0.01, 512, 1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(UserError, match="wrong file type; accepted: .json or .jsonl"):
+        studio.start_job("pirate", str(notes), 10, 30, False, False, 1, 0.01, 512, 1)
+    with pytest.raises(UserError, match="prompt len must be at least 1"):
+        studio.start_job("pirate", None, 0, 30, False, False, 1, 0.01, 512, 1)
+    assert studio.runner.jobs() == []
+
+
+def test_app_binds_loopback_unless_told_and_reads_spaces_settings(monkeypatch):
+    import importlib.util  # app.py, the entry script (the name `app` is the package beside it)
+    spec = importlib.util.spec_from_file_location("app_main", Path(__file__).resolve().parents[1] / "app.py")
+    app_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_main)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app_main.parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, "smollm2")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    assert (app_main.parse_args([]).host, app_main.parse_args([]).port) == ("0.0.0.0", 7000)
+    monkeypatch.setenv("STUDIO_AUTH", "ada:s3cret:x")
+    assert app_main.login() == ("ada", "s3cret:x")
+    monkeypatch.setenv("STUDIO_AUTH", "nopassword")
+    with pytest.raises(SystemExit, match="user:password"):
+        app_main.login()

@@ -1,0 +1,166 @@
+"""The app end to end in a real headless Chromium (Debian's package, driven by Playwright): chat
+with a streamed reply, a training job started from the Train tab that finishes, its adapter made
+live, and a reply through it. Screenshots of each step go to artifacts/e2e/."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "e2e"
+CHROMIUM = "/usr/bin/chromium"
+# flags this closed network needs: without the background-networking ones Chromium keeps trying to reach Google
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+playwright = pytest.importorskip("playwright.sync_api")
+STATE = {}  # what one step hands to the next (the tests run in file order)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
+    root = tmp_path_factory.mktemp("app")
+    port = free_port()
+    log = open(root / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--adapters", str(root / "adapters"), "--runs", str(root / "runs"),
+                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, (root / "app.log").read_text()
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(app_url)
+        page.wait_for_selector("#message textarea", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def shot(page, name):
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def send(page, text):
+    box = page.locator("#message textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def last_reply(page) -> str:
+    return page.locator("#chatbot .message.bot").last.inner_text()
+
+
+def pick(page, elem_id, value):
+    """Choose `value` in a Gradio dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def test_chat_streams_a_reply(page):
+    send(page, "What is the capital of France?")
+    # streaming: the reply is seen growing before its stats line arrives
+    page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot .message.bot');"
+                           " return b.length && b[b.length-1].innerText.trim().length > 0; }", timeout=60_000)
+    partial = last_reply(page)
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
+    final = last_reply(page)
+    shot(page, "1-chat")
+    assert "Paris" in final and "adapter: (none)" in final
+    assert "tok/s" not in partial and len(partial) < len(final)
+
+
+def test_retry_regenerates_and_undo_returns_the_message(page):
+    first = last_reply(page)
+    page.locator("#retry").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length == 1 && "
+                           "document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
+    assert last_reply(page).split("tokens ·")[0].strip() == first.split("tokens ·")[0].strip()  # greedy: same reply
+    page.locator("#undo").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot .message').length == 0", timeout=30_000)
+    assert page.locator("#message textarea").input_value() == "What is the capital of France?"
+    page.locator("#message textarea").fill("")
+
+
+def test_empty_message_shows_an_error_and_the_app_keeps_serving(page):
+    send(page, "   ")
+    page.wait_for_selector("text=Empty message", timeout=10_000)
+    shot(page, "2-empty-message-error")
+
+
+def test_train_tab_runs_a_job_to_the_end(page):
+    page.get_by_role("tab", name="Train").click()
+    pick(page, "dataset", "pirate")
+    steps = page.locator("#max-steps input")
+    steps.fill("4")
+    steps.press("Tab")
+    page.locator("#start-job").click()
+    page.wait_for_selector("#start-msg :text('Started')", timeout=30_000)
+    job = re.search(r"Started (\S+)\.", page.locator("#start-msg").inner_text()).group(1)
+    page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('running')", timeout=60_000)
+    shot(page, "3-train-running")
+    # chat keeps answering while the job trains
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#clear").click()
+    send(page, "Say hello.")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
+    shot(page, "3b-chat-during-training")
+    page.get_by_role("tab", name="Train").click()
+    page.reload()  # the page reattaches to the running job
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function(f"() => document.querySelector('#job-status').innerText.includes('{job}')", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('is in the registry')",
+                           timeout=300_000)
+    status = page.locator("#job-status").inner_text()
+    shot(page, "4-train-finished")
+    assert "finished" in status and "step 4/4" in status
+    assert "step 4/4" in page.locator("#job-log textarea").input_value()
+    STATE["job"] = job
+
+
+def test_finished_adapter_goes_live_and_answers(page):
+    job = STATE["job"]
+    page.get_by_role("tab", name="Adapters").click()
+    page.wait_for_function(f"() => document.querySelector('#adapter-table').innerText.includes('{job}')",
+                           timeout=30_000)
+    pick(page, "adapter-name", job)
+    page.locator("#make-live").click()
+    page.wait_for_function(f"() => document.querySelector('#adapter-msg').innerText.includes('Live adapter: {job}')",
+                           timeout=30_000)
+    swap = page.locator("#adapter-msg").inner_text()
+    shot(page, "5-adapter-live")
+    assert re.search(r"last swap [\d.]+ ms", swap)
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#clear").click()
+    send(page, "What is the capital of France?")
+    page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes('adapter: {job}')",
+                           timeout=120_000)
+    shot(page, "6-chat-with-adapter")
+    assert len(last_reply(page).split("tokens ·")[0].strip()) > 0
