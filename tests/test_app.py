@@ -233,6 +233,8 @@ def test_tiny_random_job_runs_under_torchrun_cancels_resumes_and_registers(tmp_p
     assert runner.register_finished(registry) == [job]
     assert runner.register_finished(registry) == []  # once only
     assert runner.view(job).adapter == job
+    restarted = JobRunner(tmp_path / "runs", model=str(tiny_dir))  # an app restart finds the job again
+    assert restarted.jobs() == [job] and restarted.view(job).state == "finished"
     adapter = registry.load(job)
     tensors = load_file(str(registry.path(job)))
     assert adapter.meta["training"]["steps"] == steps[-1] and len(tensors) == 4

@@ -94,6 +94,12 @@ def test_chat_streams_a_reply(page):
     shot(page, "1-chat")
     assert "Paris" in final and "adapter: (none)" in final
     assert "tok/s" not in partial and len(partial) < len(final)
+    # another browser session has a history of its own
+    other = page.context.browser.new_page()
+    other.goto(page.url)
+    other.wait_for_selector("#message textarea", timeout=60_000)
+    assert other.locator("#chatbot .message").count() == 0
+    other.close()
 
 
 def test_retry_regenerates_and_undo_returns_the_message(page):
@@ -151,6 +157,9 @@ def test_finished_adapter_goes_live_and_answers(page):
     page.wait_for_function(f"() => document.querySelector('#adapter-table').innerText.includes('{job}')",
                            timeout=30_000)
     pick(page, "adapter-name", job)
+    with page.expect_download(timeout=30_000) as download:
+        page.locator("#download-adapter").click()
+    assert download.value.suggested_filename == f"{job}.safetensors"
     page.locator("#make-live").click()
     page.wait_for_function(f"() => document.querySelector('#adapter-msg').innerText.includes('Live adapter: {job}')",
                            timeout=30_000)
