@@ -47,6 +47,9 @@ class AdaptionPrompt(nn.Module):
         self.prompt = nn.Parameter(torch.randn(prompt_len, dim))
         self.gate = nn.Parameter(torch.zeros(n_heads))
         self._kv_cache = None
+        # (B, dim) from a bind network (core.multimodal), added to every prompt of this layer, as
+        # ImageBind-LLM injects its modality features; None for text-only use
+        self.condition: torch.Tensor | None = None
 
     def prompt_kv(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, n_kv_heads, K, head_dim) keys and values, no RoPE. Cached only under no_grad
@@ -64,14 +67,18 @@ class AdaptionPrompt(nn.Module):
 
     @staticmethod
     def _project(attn, x):
-        k = attn.wk(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
-        v = attn.wv(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        n, K = x.shape[:2]
+        k = attn.wk(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
+        v = attn.wv(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
         B, H, T, _ = q.shape
-        k, v = self.prompt_kv(attn, q.dtype)
-        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        if self.condition is None:
+            k, v = self.prompt_kv(attn, q.dtype)
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        else:  # one set of prompts per sequence: recomputed each call (K tokens, cheap)
+            k, v = self._project(attn, (self.prompt.unsqueeze(0) + self.condition[:, None, :]).to(q.dtype))
         # every query over the K prompts only: the prompt part's own softmax
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != k.shape[1])
         return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out

@@ -190,12 +190,14 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def first_trainable_layer(self) -> int:
-        """Index of the lowest layer holding a parameter that wants gradients (n_layers if none;
-        -1 if the embedding does). Layers below it run without autograd."""
+        """Index of the lowest layer holding a parameter that wants gradients, or whose prompts
+        carry a condition that does (a bind network in training); n_layers if none, -1 if the
+        embedding wants them. Layers below it run without autograd."""
         if self.tok_embeddings.weight.requires_grad:
             return -1
         for i, layer in enumerate(self.layers):
-            if any(p.requires_grad for p in layer.parameters()):
+            condition = getattr(layer.attention.prompt, "condition", None)
+            if any(p.requires_grad for p in layer.parameters()) or (condition is not None and condition.requires_grad):
                 return i
         return len(self.layers)
 

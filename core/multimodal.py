@@ -1,0 +1,74 @@
+"""ImageBind-LLM's path from a modality encoder into the gated adapter.
+
+An encoder's embedding goes through a bind network (a projection to the LM's width, then
+residual RMSNorm + SwiGLU blocks) and is added to the adaption prompts of every adapted layer.
+The bind network's output is scaled by tanh of a zero-initialized gate, so an untrained bind
+network leaves the language model's output exactly as it was; training opens the gate.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UserError
+from core.model import FeedForward, RMSNorm, Transformer
+
+
+class BindBlock(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.feed_forward = FeedForward(dim, hidden_dim)
+
+    def forward(self, x):
+        return x + self.feed_forward(self.norm(x))
+
+
+class BindNetwork(nn.Module):
+    def __init__(self, in_dim: int, dim: int, n_blocks: int = 3, hidden_dim: int | None = None):
+        super().__init__()
+        self.in_dim, self.dim = in_dim, dim
+        self.proj = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or 4 * dim) for _ in range(n_blocks))
+        self.gate = nn.Parameter(torch.zeros(1))  # zero: the untrained path adds nothing
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim) encoder embeddings -> (B, dim) additions to the adaption prompts."""
+        if features.ndim != 2 or features.shape[1] != self.in_dim:
+            raise UserError(f"bind network expects embeddings of shape (batch, {self.in_dim}), "
+                            f"got {tuple(features.shape)}")
+        x = self.proj(features)
+        for block in self.blocks:
+            x = block(x)
+        return torch.tanh(self.gate) * x
+
+
+def combine(features: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """Several inputs (two images, image + audio...) as one: the weighted average of the
+    unit-normalized embeddings, normalized again (ImageBind-LLM's mixing). Each is (B, D)."""
+    if not features:
+        raise UserError("no inputs to combine")
+    weights = weights or [1.0] * len(features)
+    if len(weights) != len(features) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"weights must be {len(features)} non-negative numbers with a positive sum, got {weights}")
+    mixed = sum(w * F.normalize(f.float(), dim=-1) for w, f in zip(weights, features))
+    return F.normalize(mixed, dim=-1)
+
+
+@contextlib.contextmanager
+def conditioned(model: Transformer, condition: torch.Tensor | None):
+    """Run `model` with `condition` (B, dim) added to its adapter's prompts; cleared on exit."""
+    adapter = getattr(model, "adapter", None)
+    if condition is not None and adapter is None:
+        raise UserError("a multimodal input needs an adapter attached to the model")
+    prompts = [model.layers[int(i)].attention.prompt for i in adapter.layers] if adapter is not None else []
+    for prompt in prompts:
+        prompt.condition = condition
+    try:
+        yield model
+    finally:
+        for prompt in prompts:
+            prompt.condition = None
