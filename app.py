@@ -68,7 +68,7 @@ def main(argv=None):
     demo = build(studio)
     demo.queue(max_size=64, default_concurrency_limit=8)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=login(),
-                allowed_paths=[str(Path(args.adapters).resolve())], show_error=True)
+                allowed_paths=[str(Path(args.adapters).resolve()), str(ROOT / "assets")], show_error=True)
 
 
 if __name__ == "__main__":

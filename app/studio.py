@@ -7,15 +7,19 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 from core.chat_format import render
 from core.errors import UserError
 from core.generation import SamplingParams
 from core.loading import LoadedModel
+from core.multimodal import embed_inputs
 from core.registry import AdapterRegistry
 from core.serving import ChatEngine, Reply, chat_setup
 from train.jobs import JobRunner
 
 NONE = "(none)"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "adapters"
 FOOTER = re.compile(r"\n\n<sub>(?:\d+|no) tokens · [^\n]*</sub>$")  # the stats line under each reply; not sent to the model
 
 
@@ -41,6 +45,17 @@ class Studio:
         self.runner = JobRunner(runs_dir, model=model_name)
         self.live_name: str | None = None
         self.last_swap_s: float | None = None
+        self._add_shipped_adapters()
+
+    def _add_shipped_adapters(self):
+        """The adapters in assets/adapters (made by the project's scripts) join the registry, so
+        the media tabs answer on first launch; ones for another base model are left out."""
+        for path in sorted(SHIPPED.glob("*.safetensors")):
+            if not self.registry.path(path.stem).exists():
+                try:
+                    self.registry.add(path, path.stem)
+                except UserError:
+                    pass
 
     # -- chat -------------------------------------------------------------------------------
     def fit_to_context(self, messages: list[dict], fmt: str, system: str | None,
@@ -73,19 +88,42 @@ class Studio:
         return ids, notice
 
     def start_reply(self, history: list[dict], system: str, max_new_tokens: int, temperature: float,
-                    top_p: float, owner: str = "") -> tuple[Reply, str | None]:
-        """Submit the conversation (ending with the user's message) on the live adapter."""
+                    top_p: float, owner: str = "", adapter="live", media: tuple[str, object] | None = None
+                    ) -> tuple[Reply, str | None]:
+        """Submit the conversation (ending with the user's message) on the live adapter, or on
+        `adapter` (a registry name) about `media` ((kind, file or array)) for the media tabs."""
         messages = [{"role": m["role"], "content": message_text(m)} for m in history if m["role"] in ("user", "assistant")]
         if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise UserError("empty message: type something to send")
-        adapter = self.engine.live
+        adapter = self.engine.live if adapter == "live" else self.registry.load(adapter) if adapter else None
+        condition = None
+        if media is not None:
+            kind, source = media
+            if source is None:
+                raise UserError(f"upload a {kind} file or pick an example first")
+            with torch.no_grad():
+                condition = embed_inputs(adapter, [source], kind)
         fmt, default_system, stops = chat_setup(self.lm, adapter)
         system = system.strip() if system and system.strip() else default_system
         params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                 top_p=float(top_p), stop=stops)
         params.validate()
         ids, notice = self.fit_to_context(messages, fmt, system, int(max_new_tokens))
-        return self.engine.submit(ids, params, owner, adapter), notice
+        return self.engine.submit(ids, params, owner, adapter, condition), notice
+
+    def media_adapters(self, kind: str) -> list[str]:
+        """Registry adapters trained on `kind` inputs (their encoder reads that kind)."""
+        from core.encoders import get_encoder
+        names = []
+        for e in self.registry.entries():
+            encoder = e.meta.get("config", {}).get("encoder")
+            if e.problem is None and encoder:
+                try:
+                    if get_encoder(encoder).modality == kind:
+                        names.append(e.name)
+                except UserError:  # its encoder is not available here
+                    pass
+        return names
 
     def adapter_label(self, adapter) -> str:
         return NONE if adapter is None else (self.registry.name_of(adapter) or "(unnamed)")

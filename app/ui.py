@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.media import points_tab
 from app.studio import NONE, Studio, footer, message_text
 from core.errors import UserError
 from core.model import count_parameters
@@ -56,6 +57,8 @@ def build(studio: Studio) -> gr.Blocks:
                 # greedy by default: the 135M embedded model rambles when sampled
                 temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+
+        points_adapter = points_tab(studio, stream_reply, user_turn, max_new)
 
         with gr.Tab("Train", id="train"):
             with gr.Row():
@@ -112,31 +115,8 @@ def build(studio: Studio) -> gr.Blocks:
                 add = gr.Button("Add to registry", elem_id="add-adapter")
 
         # -- chat ---------------------------------------------------------------------------
-        def user_turn(text, history):
-            if not text or not text.strip():
-                raise gr.Error("Empty message: type something to send.", print_exception=False)
-            return "", (history or []) + [{"role": "user", "content": text}]
-
         def bot_turn(history, system_prompt, max_new_tokens, temp, p, request: gr.Request):
-            try:
-                reply, notice = studio.start_reply(history, system_prompt, max_new_tokens, temp, p,
-                                                   owner=request.session_hash if request else "")
-            except UserError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-            if notice:
-                gr.Warning(notice)
-            name = studio.adapter_label(reply.adapter)
-            history = history + [{"role": "assistant", "content": ""}]
-            text = ""
-            try:
-                for delta in reply:
-                    text += delta
-                    history[-1]["content"] = text
-                    yield history
-            except UserError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-            history[-1]["content"] = text.strip() + footer(reply, name)
-            yield history
+            yield from stream_reply(studio, request, history, system_prompt, max_new_tokens, temp, p)
 
         def without_last_reply(history):
             history = list(history or [])
@@ -181,9 +161,10 @@ def build(studio: Studio) -> gr.Blocks:
         def adapter_views(message_line: str):
             names = studio.registry.names()
             return (message_line, studio.live_line(), adapter_rows(studio),
-                    gr.update(choices=names), gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE))
+                    gr.update(choices=names), gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE),
+                    gr.update(choices=studio.media_adapters("points")))
 
-        adapter_outputs = [adapter_msg, live, table, picked, chat_adapter]
+        adapter_outputs = [adapter_msg, live, table, picked, chat_adapter, points_adapter]
 
         @shown
         def switch(name):
@@ -254,9 +235,10 @@ def build(studio: Studio) -> gr.Blocks:
                     gr.update(choices=jobs) if lists_changed else keep,
                     gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE) if lists_changed else keep,
                     gr.update(choices=names) if lists_changed else keep,
-                    adapter_rows(studio) if lists_changed else keep, studio.live_line() if lists_changed else keep)
+                    adapter_rows(studio) if lists_changed else keep, studio.live_line() if lists_changed else keep,
+                    gr.update(choices=studio.media_adapters("points")) if lists_changed else keep)
 
-        panel = [job_status, loss_plot, job_log, seen, job, chat_adapter, picked, table, live]
+        panel = [job_status, loss_plot, job_log, seen, job, chat_adapter, picked, table, live, points_adapter]
         gr.Timer(TICK_S).tick(refresh, [job, seen], panel, show_progress="hidden", concurrency_limit=None)
         job.change(lambda j: job_panel(studio, j), job, [job_status, loss_plot, job_log], show_progress="hidden")
 
@@ -270,6 +252,36 @@ def build(studio: Studio) -> gr.Blocks:
 
         demo.load(on_load, None, [job, chat_adapter, live])
     return demo
+
+
+def user_turn(text, history):
+    if not text or not text.strip():
+        raise gr.Error("Empty message: type something to send.", print_exception=False)
+    return "", (history or []) + [{"role": "user", "content": text}]
+
+
+def stream_reply(studio: Studio, request, history, system_prompt, max_new_tokens, temp, p, **where):
+    """The assistant's message growing as tokens arrive, then its stats line. `where`: the
+    adapter and media of a media tab (default: the live adapter, text only)."""
+    try:
+        reply, notice = studio.start_reply(history, system_prompt, max_new_tokens, temp, p,
+                                           owner=request.session_hash if request else "", **where)
+    except UserError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    if notice:
+        gr.Warning(notice)
+    name = studio.adapter_label(reply.adapter)
+    history = history + [{"role": "assistant", "content": ""}]
+    text = ""
+    try:
+        for delta in reply:
+            text += delta
+            history[-1]["content"] = text
+            yield history
+    except UserError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    history[-1]["content"] = text.strip() + footer(reply, name)
+    yield history
 
 
 def adapter_rows(studio: Studio) -> pd.DataFrame:

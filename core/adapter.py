@@ -37,6 +37,10 @@ class AdapterConfig:
     layers: int = 30              # L, the top L layers (clamped to the model's depth)
     bias_scale: bool = False      # V2: learnable bias and scale on the adapted layers' linears
     norm_tuning: bool = False     # V2: the adapted layers' RMSNorm weights train
+    encoder: str | None = None    # multimodal (ImageBind-LLM): the encoder whose embeddings a bind
+    encoder_dim: int = 0          # network maps into the prompts; its width
+    bind_blocks: int = 2          # residual RMSNorm + SwiGLU blocks of the bind network (width dim: 1M
+                                  # parameters each at SmolLM2's 576, so shipped adapters stay small)
 
 
 class AdaptionPrompt(nn.Module):
@@ -124,6 +128,9 @@ class Adapter(nn.Module):
                 "feed_forward.w3": model_args.hidden_dim}
         self.layers = nn.ModuleDict({str(i): AdaptedLayer(cfg, model_args.dim, model_args.n_heads, outs)
                                      for i in range(self.first_layer, model_args.n_layers)})
+        if cfg.encoder:
+            from core.multimodal import BindNetwork
+            self.bind = BindNetwork(cfg.encoder_dim, model_args.dim, cfg.bind_blocks)
         self.meta = meta or {}  # what the file says: base model, training summary, ...
         _set_plain(self, "_attached_to", None)
 

@@ -14,6 +14,7 @@ import torch
 from core.chat_format import FORMATS, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
+from core.multimodal import KINDS
 
 
 def parse_args(argv=None):
@@ -22,6 +23,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="smollm2, or a path: .gguf file, Hugging Face or Meta folder")
     p.add_argument("--adapter", help="adapter file (.safetensors, or the official V1 .pth)")
     p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
+    media = p.add_mutually_exclusive_group()
+    for kind in KINDS:
+        media.add_argument(f"--{kind}", metavar="FILE", help=f"ask about this {kind} file (needs an adapter "
+                           f"trained on {kind} records)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
     p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
@@ -52,6 +57,7 @@ def run(args) -> int:
     from core import parallel
     from core.adapter import load_adapter
     from core.loading import load_model
+    from core.multimodal import conditioned, embed_inputs
     from core.serving import chat_setup
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -68,6 +74,19 @@ def run(args) -> int:
         device = str(lm.model.tok_embeddings.weight.device)
         rank, _ = parallel.init_model_parallel(device)
         parallel.apply_model_parallel(lm.model)
+    kind = next((k for k in KINDS if getattr(args, k)), None)
+    condition = None
+    if kind:
+        if not args.adapter:
+            raise UserError(f"--{kind} needs --adapter: one trained on {kind} records")
+        with torch.no_grad():
+            condition = embed_inputs(lm.model.adapter, [getattr(args, kind)], kind)
+    with conditioned(lm.model, condition):
+        return converse(args, lm, rank)
+
+
+def converse(args, lm, rank: int) -> int:
+    from core import parallel
     gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty,

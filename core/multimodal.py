@@ -16,6 +16,8 @@ from torch import nn
 from core.errors import UserError
 from core.model import FeedForward, RMSNorm, Transformer
 
+KINDS = ("image", "audio", "points")
+
 
 class BindBlock(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
@@ -28,11 +30,11 @@ class BindBlock(nn.Module):
 
 
 class BindNetwork(nn.Module):
-    def __init__(self, in_dim: int, dim: int, n_blocks: int = 3, hidden_dim: int | None = None):
+    def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None):
         super().__init__()
         self.in_dim, self.dim = in_dim, dim
         self.proj = nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or 4 * dim) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or dim) for _ in range(n_blocks))
         self.gate = nn.Parameter(torch.zeros(1))  # zero: the untrained path adds nothing
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -72,3 +74,19 @@ def conditioned(model: Transformer, condition: torch.Tensor | None):
     finally:
         for prompt in prompts:
             prompt.condition = None
+
+
+def embed_inputs(adapter, sources: list, kind: str | None = None) -> torch.Tensor:
+    """(B, dim) prompt additions for B inputs (files or arrays), through the encoder the adapter
+    was trained with and its bind network."""
+    from core.encoders import get_encoder
+    name = adapter.cfg.encoder if adapter is not None else None
+    if not name:
+        raise UserError("this adapter has no bind network (it was trained on text only); "
+                        "accepted: an adapter trained on image, audio or points records")
+    encoder = get_encoder(name)
+    if kind and kind != encoder.modality:
+        raise UserError(f"this adapter reads {encoder.modality} (encoder {name}), not {kind}")
+    features = encoder.embed([encoder.load(s) for s in sources])
+    p = next(adapter.bind.parameters())
+    return adapter.bind(features.to(p.device, p.dtype))

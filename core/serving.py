@@ -13,10 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
+
 from core.adapter import Adapter
 from core.chat_format import stop_strings
 from core.generation import SamplingParams, TextStream, generate_tokens
 from core.loading import LoadedModel
+from core.multimodal import conditioned
 
 _DONE = object()
 
@@ -39,6 +42,7 @@ class Reply:
     params: SamplingParams
     adapter: Adapter | None
     owner: str = ""
+    condition: torch.Tensor | None = None  # (1, dim) from the adapter's bind network: an image, clip, cloud
     deltas: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: int = 0
@@ -79,9 +83,9 @@ class ChatEngine:
 
     # -- the public side ------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, owner: str = "",
-               adapter: Adapter | None | str = "live") -> Reply:
+               adapter: Adapter | None | str = "live", condition: torch.Tensor | None = None) -> Reply:
         params.validate()
-        reply = Reply(ids, params, self.live if adapter == "live" else adapter, owner)
+        reply = Reply(ids, params, self.live if adapter == "live" else adapter, owner, condition=condition)
         self._inbox.put(reply)
         return reply
 
@@ -137,7 +141,8 @@ class ChatEngine:
             else:
                 self._put_caches(self._caches[key])
             tokens, text = gens[key]
-            step = next(tokens, None)
+            with conditioned(self.model, reply.condition):
+                step = next(tokens, None)
             self._caches[key] = [layer.attention.kv_cache for layer in self.model.layers]
         except Exception as e:  # a bad request fails alone; the worker keeps serving
             reply.error = e

@@ -290,3 +290,48 @@ def test_app_binds_loopback_unless_told_and_reads_spaces_settings(monkeypatch):
     monkeypatch.setenv("STUDIO_AUTH", "nopassword")
     with pytest.raises(SystemExit, match="user:password"):
         app_main.login()
+
+
+def test_points_tab_answers_about_a_cloud_through_a_bind_adapter(studio, tmp_path):
+    """A (random) point-cloud adapter in the registry: listed for the Point Cloud tab, its reply
+    is conditioned on the cloud asked about; bad or missing clouds get a message."""
+    import numpy as np
+    from safetensors.torch import save_file as save_tensors
+
+    from core.encoders import ENCODERS
+    from core.encoders.points import PointNet, PointNetEncoder
+    from train.pointclouds import scene
+    torch.manual_seed(0)
+    weights = tmp_path / "pointnet.safetensors"
+    save_tensors(PointNet(width=32).state_dict(), weights)
+    ENCODERS["tiny-random-points-app"] = lambda: PointNetEncoder(weights)
+    adapter = Adapter.create(studio.lm.model, AdapterConfig(prompt_len=4, layers=6, encoder="tiny-random-points-app",
+                                                            encoder_dim=32))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.prompt.gate.fill_(0.8)
+        adapter.bind.gate.fill_(2.0)
+    save_adapter(adapter, tmp_path / "clouds.safetensors", studio.lm.model)
+    name = studio.registry.add(tmp_path / "clouds.safetensors", "clouds")
+    assert studio.media_adapters("points") == [name] and studio.media_adapters("image") == []
+    files = []
+    for i in (0, 3):
+        np.save(tmp_path / f"c{i}.npy", scene("test", i)[0])
+        files.append(str(tmp_path / f"c{i}.npy"))
+    history = [{"role": "user", "content": "What is this?"}]
+    answers = ["".join(studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name, media=("points", f))[0])
+               for f in files]
+    text_only = "".join(studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name)[0])
+    assert answers[0] != text_only  # the cloud reaches the model...
+    from core.multimodal import embed_inputs
+    with torch.no_grad():
+        a, b = (embed_inputs(studio.registry.load(name), [f], "points") for f in files)
+    assert not torch.allclose(a, b)  # ...and each cloud its own way
+    with pytest.raises(UserError, match="upload a points file"):
+        studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name, media=("points", None))
+    (tmp_path / "c.obj").write_text("v 0 0 0")
+    with pytest.raises(UserError, match="unknown point-cloud format"):
+        studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name, media=("points", str(tmp_path / "c.obj")))
+    with pytest.raises(UserError, match="no bind network"):
+        studio.start_reply(history, "", 12, 0.0, 1.0, adapter=None, media=("points", files[0]))
+    studio.forget_adapter(name)

@@ -5,6 +5,8 @@ Accepted records (a JSON array or JSON lines):
   Alpaca style  {"instruction": str, "input": str (optional), "output": str}
   chat          {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 Alpaca records get the paper's template, chat records the model's own chat format.
+Multimodal records (ImageBind-LLM) add one of "image", "audio" or "points": a file path, relative
+to the data file's folder; a dataset uses one kind of input in every record, or none.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 ACCEPTED = ("accepted: Alpaca records with 'instruction' and 'output' strings (and optional 'input'), "
             "or chat records with 'messages', a list of {role: system|user|assistant, content}")
 ROLES = ("system", "user", "assistant")
+MEDIA = ("image", "audio", "points")
 
 
 def shipped_datasets() -> dict[str, Path]:
@@ -50,10 +53,21 @@ def load_records(source: str) -> list[dict]:
     items = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
     if not items:
         raise UserError(f"{path}: no records; {ACCEPTED}")
+    kinds = set()
     for line, record in items:
         problem = record_problem(record)
         if problem:
             raise UserError(f"{path}:{line}: {problem}; {ACCEPTED}")
+        kind = next((m for m in MEDIA if m in record), None)
+        kinds.add(kind)
+        if len(kinds) > 1:
+            raise UserError(f"{path}:{line}: records mix inputs ({', '.join(sorted(str(k) for k in kinds))}); "
+                            "accepted: one kind of input (image, audio or points) in every record, or none")
+        if kind:
+            media = path.parent / record[kind]
+            if not media.is_file():
+                raise UserError(f"{path}:{line}: field '{kind}' names {record[kind]}, which does not exist")
+            record[kind] = str(media.resolve())
     return [r for _, r in items]
 
 
@@ -115,6 +129,11 @@ def record_problem(record) -> str | None:
             return f"field '{field}' must be a non-empty string"
     if not isinstance(record.get("input", ""), str):
         return "field 'input' must be a string"
+    media = [m for m in MEDIA if m in record]
+    if len(media) > 1:
+        return f"fields {', '.join(media)}: one input per record"
+    if media and (not isinstance(record[media[0]], str) or not record[media[0]].strip()):
+        return f"field '{media[0]}' must be a file path"
     return None
 
 
@@ -122,6 +141,8 @@ def record_problem(record) -> str | None:
 class Example:
     tokens: list[int]
     loss_mask: list[bool]  # True where the token is part of a response (a training target)
+    media: tuple[str, str] | None = None  # (kind, path) of a multimodal record's input
+    features: torch.Tensor | None = None  # its encoder embedding, computed once (embed_media)
 
 
 def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system: str | None = None,
@@ -153,7 +174,8 @@ def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system
         mask.append(True)
     if max_seq_len:
         tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-    return Example(tokens, mask)
+    kind = next((m for m in MEDIA if m in record), None)
+    return Example(tokens, mask, (kind, record[kind]) if kind else None)
 
 
 def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=None) -> list[Example]:
@@ -163,6 +185,33 @@ def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=N
     if not kept:
         raise UserError(f"no record keeps a response token within --max-seq-len {max_seq_len}; raise it")
     return kept
+
+
+def embed_media(examples: list[Example], encoder_name: str | None = None) -> str | None:
+    """Give every multimodal example its encoder embedding, each file encoded once, so epochs
+    never re-run the frozen encoder. Returns the encoder's name (None for text-only data)."""
+    from core.encoders import DEFAULT_ENCODERS, get_encoder
+    kinds = {e.media[0] for e in examples if e.media}
+    if not kinds:
+        return None
+    kind = kinds.pop()
+    name = encoder_name or DEFAULT_ENCODERS[kind]
+    encoder = get_encoder(name)
+    if encoder.modality != kind:
+        raise UserError(f"encoder {name} reads {encoder.modality}, the data has {kind}")
+    cache: dict[str, torch.Tensor] = {}
+    paths = sorted({e.media[1] for e in examples})
+    for i in range(0, len(paths), 64):
+        chunk = paths[i:i + 64]
+        cache.update(zip(chunk, encoder.embed([encoder.load(p) for p in chunk])))
+    for e in examples:
+        e.features = cache[e.media[1]]
+    return name
+
+
+def batch_features(examples: list[Example]) -> torch.Tensor | None:
+    """(B, encoder width) embeddings of a batch, or None for text-only examples."""
+    return torch.stack([e.features for e in examples]) if examples[0].features is not None else None
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

@@ -1,7 +1,8 @@
 """Exact-match accuracy and validation loss of a model (with or without an adapter) on a skill
-task's held-out split.
+task's held-out split, or on a file of records (multimodal ones included).
 
     python -m train.evaluate --model smollm2 --task arithmetic [--adapter runs/a/adapter.safetensors]
+    python -m train.evaluate --data data/points/test.jsonl --adapter runs/p/adapter.safetensors
 
 Prompts use the format the adapter was trained with (its metadata says), or, with no adapter, the
 model's own chat format: each side gets the prompt it knows best. `--prompt-format` overrides.
@@ -19,14 +20,16 @@ from core.chat_format import FORMATS, alpaca_prompt, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
 from core.loading import LoadedModel, load_model
-from train.data import tokenize_records
+from core.multimodal import KINDS, conditioned, embed_inputs
+from train.data import embed_media, load_records, tokenize_records
 from train.loss import summed_loss
 from train.tasks import TASKS, answer_of, task_records
 
 
 def as_chat(record: dict) -> dict:
     user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]}
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
+            **{k: record[k] for k in KINDS if k in record}}
 
 
 def prompt_text(record: dict, fmt: str, system: str | None) -> str:
@@ -35,12 +38,19 @@ def prompt_text(record: dict, fmt: str, system: str | None) -> str:
     return render(fmt, as_chat(record)["messages"][:1], system)
 
 
+def media_of(record: dict) -> tuple[str, str] | None:
+    kind = next((k for k in KINDS if k in record), None)
+    return (kind, record[kind]) if kind else None
+
+
 @torch.no_grad()
 def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 16) -> float:
     """Mean cross-entropy per response token, prompts in format `fmt`."""
     if fmt != "alpaca":
         records = [as_chat(r) for r in records]
     examples = tokenize_records(records, lm.tokenizer, fmt, lm.system_prompt)
+    adapter = getattr(lm.model, "adapter", None)
+    embed_media(examples, adapter.cfg.encoder if adapter is not None else None)
     total, count = summed_loss(lm.model, examples, batch_size, lm.model.tok_embeddings.weight.device)
     return (total / count).item()
 
@@ -55,7 +65,10 @@ def accuracy(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 1
     pairs = []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        replies = gen.generate([prompt_text(r, fmt, lm.system_prompt) for r in chunk], params)
+        media = [media_of(r) for r in chunk]
+        condition = embed_inputs(lm.model.adapter, [m[1] for m in media], media[0][0]) if media[0] else None
+        with conditioned(lm.model, condition):
+            replies = gen.generate([prompt_text(r, fmt, lm.system_prompt) for r in chunk], params)
         pairs += [(answer_of(reply), r["output"]) for reply, r in zip(replies, chunk)]
     return sum(a == b for a, b in pairs) / len(pairs), pairs
 
@@ -64,7 +77,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--adapter")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", choices=sorted(TASKS))
+    what.add_argument("--data", help="a .jsonl/.json file of records (image/audio/points ones too)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--limit", type=int, default=0, help="the first N records only")
     p.add_argument("--prompt-format", choices=FORMATS)
@@ -79,12 +94,16 @@ def main(argv=None) -> int:
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
         fmt = args.prompt_format or adapter.meta.get("training", {}).get("prompt_format", fmt)
-    records = task_records(args.task, args.split, args.limit or None)
+    if args.task:
+        records = task_records(args.task, args.split, args.limit or None)
+    else:
+        records = load_records(args.data)[:args.limit or None]
     acc, pairs = accuracy(lm, records, fmt, args.batch_size, args.max_new_tokens)
     loss = validation_loss(lm, records, fmt, args.batch_size)
     for answer, expected in pairs[:args.show]:
         print(f"  {'ok ' if answer == expected else 'bad'} {answer!r} (expected {expected!r})")
-    print(f"task {args.task} ({args.split}, {len(records)} records, prompt format {fmt}): "
+    source = f"task {args.task} ({args.split}, " if args.task else f"{args.data} ("
+    print(f"{source}{len(records)} records, prompt format {fmt}): "
           f"exact match {acc:.1%}, validation loss {loss:.4f}")
     return 0
 

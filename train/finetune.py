@@ -35,7 +35,8 @@ from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.loading import LoadedModel, cpu_has_fast_bf16, default_device, load_model
 from core.parallel import apply_fsdp
-from train.data import collate, length_grouped_batches, load_records, rank_share, tokenize_records
+from train.data import (batch_features, collate, embed_media, length_grouped_batches, load_records, rank_share,
+                        tokenize_records)
 from train.loss import response_loss, summed_loss
 
 STOP = {"requested": False}
@@ -53,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--layers", type=int, default=30, help="L, adapted top layers (clamped)")
     a.add_argument("--bias-scale", action="store_true", help="V2: bias and scale on the linears")
     a.add_argument("--norm-tuning", action="store_true", help="V2: the adapted layers' norms train")
+    a.add_argument("--encoder", help="for image/audio/points records: the encoder (default: pointnet for points)")
     a.add_argument("--gate-init", choices=("zero", "random"), default="zero",
                    help="zero as the paper; random (N(0,1)) only to reproduce its ablation")
     o = p.add_argument_group("optimization")
@@ -203,8 +205,10 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     examples = tokenize_records(records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len)
     val_examples = tokenize_records(val_records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len) \
         if val_records else []
+    encoder = embed_media(examples + val_examples, args.encoder)
+    encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
-    cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning)
+    cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim)
     adapter = Adapter.create(model, cfg).attach(model)
     adapter.meta["base"] = base
     if args.gate_init == "random":
@@ -295,7 +299,7 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
             inputs, targets = collate(part)
             inputs, targets = inputs.to(device), targets.to(device)
             with torch.autocast(device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = weight * response_loss(model, inputs, targets)[0]
+                loss = weight * response_loss(model, inputs, targets, batch_features(part))[0]
             scaler.scale(loss / n_targets).backward()
             loss_sum += loss.item()
             window_tokens += int(weight) * sum(len(e.tokens) for e in part)

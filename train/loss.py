@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.data import Example, collate, rank_share
+from core.multimodal import conditioned
+from train.data import Example, batch_features, collate, rank_share
 
 CHUNK = 256  # positions per chunk: 256 x 49152 fp32 logits = 48 MB
 
@@ -39,8 +40,13 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None
 
 
-def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over the response tokens, their number); targets are -100 elsewhere."""
+def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor,
+                  features: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the response tokens, their number); targets are -100 elsewhere.
+    `features`: (B, D) encoder embeddings that the adapter's bind network adds to its prompts."""
+    if features is not None:
+        with conditioned(model, model.adapter.bind(features.to(inputs.device))):
+            return response_loss(model, inputs, targets)
     select = targets != -100
     head = model.output.weight
     if torch.is_grad_enabled() and not head.requires_grad and type(head) is torch.nn.Parameter:
@@ -60,6 +66,6 @@ def summed_loss(model, examples: list[Example], batch_size: int, device, rank: i
     for i in range(0, len(examples), world * batch_size):
         weight, part = rank_share(examples, i + rank * batch_size, batch_size)
         inputs, targets = collate(part)
-        loss, count = response_loss(model, inputs.to(device), targets.to(device))
+        loss, count = response_loss(model, inputs.to(device), targets.to(device), batch_features(part))
         total += weight * torch.tensor([loss.item(), count], dtype=torch.float64)
     return total

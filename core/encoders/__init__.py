@@ -1,0 +1,58 @@
+"""Modality encoders behind one interface, picked by name.
+
+An encoder reads its modality's input (`load`: a file path or an in-memory object, validated
+with one-line errors) and turns a batch of loaded inputs into embeddings (`embed`: (N, dim)).
+The app, the CLI and training look encoders up by name in ENCODERS.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+
+from core.errors import UserError
+
+
+class Encoder(ABC):
+    name: str
+    modality: str   # "image" | "audio" | "points"
+    dim: int        # embedding width
+
+    @abstractmethod
+    def load(self, source: Any) -> Any:
+        """A file path or an in-memory input -> what `embed` takes (raises UserError if unusable)."""
+
+    @abstractmethod
+    def embed(self, inputs: list) -> torch.Tensor:
+        """Loaded inputs -> (N, dim) float32 embeddings."""
+
+    def labels(self, inputs: list, k: int = 5) -> list[list[tuple[str, float]]] | None:
+        """Top-k class labels where the encoder has a classifier head; None where it has none."""
+        return None
+
+
+ENCODERS: dict[str, Callable[[], Encoder]] = {}
+DEFAULT_ENCODERS = {"points": "pointnet"}  # per kind of input, what needs no download
+_built: dict[str, Encoder] = {}
+
+
+def register(name: str):
+    def wrap(factory: Callable[[], Encoder]):
+        ENCODERS[name] = factory
+        return factory
+    return wrap
+
+
+def get_encoder(name: str) -> Encoder:
+    """The encoder called `name`, built once per process."""
+    _import_builtin()
+    if name not in ENCODERS:
+        raise UserError(f"unknown encoder {name!r}; accepted: {', '.join(sorted(ENCODERS))}")
+    if name not in _built:
+        _built[name] = ENCODERS[name]()
+    return _built[name]
+
+
+def _import_builtin():
+    from core.encoders import points  # noqa: F401  (registers its encoders)
