@@ -173,3 +173,19 @@ def test_finished_adapter_goes_live_and_answers(page):
                            timeout=120_000)
     shot(page, "6-chat-with-adapter")
     assert len(last_reply(page).split("tokens ·")[0].strip()) > 0
+
+
+def test_point_cloud_tab_shows_an_example_in_3d_and_answers(page):
+    page.get_by_role("tab", name="Point Cloud").click()
+    page.get_by_text("white-cube.npy").first.click()  # an example made by train.pointclouds
+    page.wait_for_selector("#points-view .js-plotly-plot", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#points-labels').innerText.includes('object')",
+                           timeout=30_000)
+    box = page.locator("#points-message textarea")
+    box.fill("How many objects are there?")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelector('#points-chat').innerText.includes('tok/s')",
+                           timeout=120_000)
+    shot(page, "7-point-cloud")
+    reply = page.locator("#points-chat .message.bot").last.inner_text()
+    assert "adapter: points" in reply and len(reply.split("tokens ·")[0].strip()) > 0

@@ -107,7 +107,7 @@ def test_tiny_random_points_records_train_the_bind_network_with_features_compute
     assert adapter.cfg.encoder == "tiny-random-points" and adapter.cfg.encoder_dim == 32
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
-    assert abs(torch.tanh(adapter.bind.gate).item()) > 0  # training opened the bind gate
+    assert torch.tanh(adapter.bind.gate).abs().max() > 0  # training opened the bind gate
     # the file carries the bind network; loaded, it answers about a cloud
     adapter.detach()
     loaded = load_adapter(out / "adapter.safetensors", lm.model)

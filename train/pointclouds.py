@@ -109,7 +109,8 @@ def questions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, 
 
 def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["test"]):
     """out/{train,test}/NNNNN.npy (xyz+rgb, float16) and out/{train,test}.jsonl records
-    {"points": path, "instruction": question, "output": answer}, paths relative to `out`."""
+    {"points": path, "instruction": question, "output": answer}, paths relative to `out`; and
+    out/val.jsonl, the first 200 test questions, for the validation loss while training."""
     import json
     from pathlib import Path
 
@@ -127,6 +128,9 @@ def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["tes
         with atomic_path(out / f"{split}.jsonl") as tmp:
             Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"{out / split}.jsonl: {len(rows)} questions about {n} scenes")
+        if split == "test":  # a small slice for the validation loss during training
+            with atomic_path(out / "val.jsonl") as tmp:
+                Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
 
 
 def write_examples(out, n: int = 4):
