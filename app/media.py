@@ -19,7 +19,8 @@ def cloud_figure(points):
     colors = [f"rgb({int(255 * r)},{int(255 * g)},{int(255 * b)})" for r, g, b in points[:, 3:6]]
     fig = go.Figure(go.Scatter3d(x=points[:, 0], y=points[:, 1], z=points[:, 2], mode="markers",
                                  marker={"size": 2.5, "color": colors}))
-    fig.update_layout(margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=360, scene={"aspectmode": "data"})
+    fig.update_layout(margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=360,
+                      scene={"aspectmode": "data", "bgcolor": "rgb(40, 40, 48)"})  # white points show too
     return fig
 
 

@@ -122,7 +122,8 @@ def test_tiny_random_adapter_file_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     adapter.detach()
     meta = read_adapter_metadata(path)
-    assert meta["config"] == {"prompt_len": 5, "layers": 3, "bias_scale": True, "norm_tuning": True}
+    assert meta["config"] == {"prompt_len": 5, "layers": 3, "bias_scale": True, "norm_tuning": True,
+                              "encoder": None, "encoder_dim": 0, "bind_blocks": 2}
     assert meta["base"]["dim"] == 64 and len(meta["base"]["fingerprint"]) == 6
     assert meta["training"]["steps"] == 7 and meta["format_version"] == 1
     load_adapter(path, model)
