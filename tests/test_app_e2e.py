@@ -83,6 +83,11 @@ def pick(page, elem_id, value):
     page.get_by_role("option", name=value, exact=True).click()
 
 
+def job_step(page) -> int:
+    found = re.search(r"step (\d+)/", page.locator("#job-status").inner_text())
+    return int(found.group(1)) if found else 0
+
+
 def test_chat_streams_a_reply(page):
     send(page, "What is the capital of France?")
     # streaming: the reply is seen growing before its stats line arrives
@@ -113,6 +118,18 @@ def test_retry_regenerates_and_undo_returns_the_message(page):
     page.wait_for_function("() => document.querySelectorAll('#chatbot .message').length == 0", timeout=30_000)
     assert page.locator("#message textarea").input_value() == "What is the capital of France?"
     page.locator("#message textarea").fill("")
+
+
+def test_stop_ends_a_reply_early(page):
+    page.locator("#clear").click()
+    send(page, "Count from one to two hundred, one number per line.")
+    page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot .message.bot');"
+                           " return b.length && b[b.length-1].innerText.trim().length > 0; }", timeout=60_000)
+    page.locator("#stop").click()
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=60_000)
+    tokens = int(re.search(r"(\d+) tokens ·", last_reply(page)).group(1))
+    assert tokens < 256  # max new tokens: the reply was cut short
+    page.locator("#clear").click()
 
 
 def test_empty_message_shows_an_error_and_the_app_keeps_serving(page):
@@ -149,6 +166,28 @@ def test_train_tab_runs_a_job_to_the_end(page):
     assert "finished" in status and "step 4/4" in status
     assert "step 4/4" in page.locator("#job-log textarea").input_value()
     STATE["job"] = job
+
+
+def test_train_tab_cancel_then_resume(page):
+    page.get_by_role("tab", name="Train").click()
+    steps = page.locator("#max-steps input")
+    steps.fill("40")
+    steps.press("Tab")
+    page.locator("#start-job").click()
+    page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('step 2/')", timeout=120_000)
+    page.locator("#cancel-job").click()
+    page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('stopped')", timeout=120_000)
+    shot(page, "4b-train-cancelled")
+    stopped = job_step(page)
+    page.locator("#resume-job").click()
+    deadline = time.time() + 120
+    while job_step(page) <= stopped:  # the resumed run adds steps after the saved ones
+        assert time.time() < deadline, page.locator("#job-status").inner_text()
+        page.wait_for_timeout(500)
+    assert "running" in page.locator("#job-status").inner_text()
+    shot(page, "4c-train-resumed")
+    page.locator("#cancel-job").click()  # leave the machine to the next steps
+    page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('stopped')", timeout=120_000)
 
 
 def test_finished_adapter_goes_live_and_answers(page):
