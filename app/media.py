@@ -59,8 +59,8 @@ def points_tab(studio: Studio, stream_reply, user_turn, max_new):
                 raise gr.Error(str(e), print_exception=False) from None
             found = None
             try:
-                from core.encoders import get_encoder
-                encoder = get_encoder("pointnet")
+                from core.encoders import DEFAULT_ENCODERS, get_encoder
+                encoder = get_encoder(DEFAULT_ENCODERS[kind])
                 found = encoder.labels([encoder.load(points)])
             except UserError as e:  # no encoder weights: the cloud is still drawn
                 gr.Warning(str(e))

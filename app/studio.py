@@ -119,9 +119,9 @@ class Studio:
             encoder = e.meta.get("config", {}).get("encoder")
             if e.problem is None and encoder:
                 try:
-                    if get_encoder(encoder).modality == kind:
-                        names.append(e.name)
-                except UserError:  # its encoder is not available here
+                    get_encoder(encoder, kind)
+                    names.append(e.name)
+                except UserError:  # its encoder reads another kind, or is not available here
                     pass
         return names
 

@@ -14,7 +14,7 @@ import torch
 from core.chat_format import FORMATS, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
-from core.multimodal import KINDS
+from core.encoders import KINDS
 
 
 def parse_args(argv=None):

@@ -16,8 +16,6 @@ from torch import nn
 from core.errors import UserError
 from core.model import FeedForward, RMSNorm, Transformer
 
-KINDS = ("image", "audio", "points")
-
 
 class BindBlock(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
@@ -88,9 +86,7 @@ def embed_inputs(adapter, sources: list, kind: str | None = None) -> torch.Tenso
     if not name:
         raise UserError("this adapter has no bind network (it was trained on text only); "
                         "accepted: an adapter trained on image, audio or points records")
-    encoder = get_encoder(name)
-    if kind and kind != encoder.modality:
-        raise UserError(f"this adapter reads {encoder.modality} (encoder {name}), not {kind}")
+    encoder = get_encoder(name, kind)
     features = encoder.embed([encoder.load(s) for s in sources])
     p = next(adapter.bind.parameters())
     return adapter.bind(features.to(p.device, p.dtype))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from core.chat_format import alpaca_prompt, assistant_turn, render
+from core.encoders import KINDS
 from core.errors import UserError
 from core.tokenizer import Tokenizer
 
@@ -25,7 +26,6 @@ DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
 ACCEPTED = ("accepted: Alpaca records with 'instruction' and 'output' strings (and optional 'input'), "
             "or chat records with 'messages', a list of {role: system|user|assistant, content}")
 ROLES = ("system", "user", "assistant")
-MEDIA = ("image", "audio", "points")
 
 
 def shipped_datasets() -> dict[str, Path]:
@@ -58,16 +58,17 @@ def load_records(source: str) -> list[dict]:
         problem = record_problem(record)
         if problem:
             raise UserError(f"{path}:{line}: {problem}; {ACCEPTED}")
-        kind = next((m for m in MEDIA if m in record), None)
+        media = media_of(record)
+        kind = media[0] if media else None
         kinds.add(kind)
         if len(kinds) > 1:
             raise UserError(f"{path}:{line}: records mix inputs ({', '.join(sorted(str(k) for k in kinds))}); "
                             "accepted: one kind of input (image, audio or points) in every record, or none")
         if kind:
-            media = path.parent / record[kind]
-            if not media.is_file():
+            file = path.parent / record[kind]
+            if not file.is_file():
                 raise UserError(f"{path}:{line}: field '{kind}' names {record[kind]}, which does not exist")
-            record[kind] = str(media.resolve())
+            record[kind] = str(file.resolve())
     return [r for _, r in items]
 
 
@@ -129,12 +130,18 @@ def record_problem(record) -> str | None:
             return f"field '{field}' must be a non-empty string"
     if not isinstance(record.get("input", ""), str):
         return "field 'input' must be a string"
-    media = [m for m in MEDIA if m in record]
+    media = [m for m in KINDS if m in record]
     if len(media) > 1:
         return f"fields {', '.join(media)}: one input per record"
     if media and (not isinstance(record[media[0]], str) or not record[media[0]].strip()):
         return f"field '{media[0]}' must be a file path"
     return None
+
+
+def media_of(record: dict) -> tuple[str, str] | None:
+    """(kind, path) of a multimodal record's input, or None for a text record."""
+    kind = next((k for k in KINDS if k in record), None)
+    return (kind, record[kind]) if kind else None
 
 
 @dataclass
@@ -174,8 +181,7 @@ def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system
         mask.append(True)
     if max_seq_len:
         tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-    kind = next((m for m in MEDIA if m in record), None)
-    return Example(tokens, mask, (kind, record[kind]) if kind else None)
+    return Example(tokens, mask, media_of(record))
 
 
 def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=None) -> list[Example]:
@@ -196,9 +202,7 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
         return None
     kind = kinds.pop()
     name = encoder_name or DEFAULT_ENCODERS[kind]
-    encoder = get_encoder(name)
-    if encoder.modality != kind:
-        raise UserError(f"encoder {name} reads {encoder.modality}, the data has {kind}")
+    encoder = get_encoder(name, kind)
     cache: dict[str, torch.Tensor] = {}
     paths = sorted({e.media[1] for e in examples})
     for i in range(0, len(paths), 64):

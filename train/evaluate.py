@@ -20,8 +20,9 @@ from core.chat_format import FORMATS, alpaca_prompt, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
 from core.loading import LoadedModel, load_model
-from core.multimodal import KINDS, conditioned, embed_inputs
-from train.data import embed_media, load_records, tokenize_records
+from core.encoders import KINDS
+from core.multimodal import conditioned, embed_inputs
+from train.data import embed_media, load_records, media_of, tokenize_records
 from train.loss import summed_loss
 from train.tasks import TASKS, answer_of, task_records
 
@@ -36,11 +37,6 @@ def prompt_text(record: dict, fmt: str, system: str | None) -> str:
     if fmt == "alpaca":
         return alpaca_prompt(record["instruction"], record.get("input", ""))
     return render(fmt, as_chat(record)["messages"][:1], system)
-
-
-def media_of(record: dict) -> tuple[str, str] | None:
-    kind = next((k for k in KINDS if k in record), None)
-    return (kind, record[kind]) if kind else None
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from core.errors import UserError
 
 class Encoder(ABC):
     name: str
-    modality: str   # "image" | "audio" | "points"
+    modality: str   # one of KINDS
     dim: int        # embedding width
 
     @abstractmethod
@@ -32,6 +32,7 @@ class Encoder(ABC):
         return None
 
 
+KINDS = ("image", "audio", "points")  # the kinds of input an encoder reads (Encoder.modality)
 ENCODERS: dict[str, Callable[[], Encoder]] = {}
 DEFAULT_ENCODERS = {"points": "pointnet"}  # per kind of input, what needs no download
 _built: dict[str, Encoder] = {}
@@ -44,14 +45,17 @@ def register(name: str):
     return wrap
 
 
-def get_encoder(name: str) -> Encoder:
-    """The encoder called `name`, built once per process."""
+def get_encoder(name: str, kind: str | None = None) -> Encoder:
+    """The encoder called `name`, built once per process; refused if it does not read `kind`."""
     _import_builtin()
     if name not in ENCODERS:
         raise UserError(f"unknown encoder {name!r}; accepted: {', '.join(sorted(ENCODERS))}")
     if name not in _built:
         _built[name] = ENCODERS[name]()
-    return _built[name]
+    encoder = _built[name]
+    if kind and encoder.modality != kind:
+        raise UserError(f"encoder {name} reads {encoder.modality}, not {kind}")
+    return encoder
 
 
 def _import_builtin():
