@@ -50,6 +50,10 @@ class Reply:
     first_token: float | None = None
     finished: float | None = None
     error: BaseException | None = None
+    # the worker's own: the token generator, the text decoder and the KV cache between steps
+    _tokens: Iterator | None = field(default=None, repr=False)
+    _text: TextStream | None = field(default=None, repr=False)
+    _caches: list | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -77,7 +81,6 @@ class ChatEngine:
         self.live: Adapter | None = getattr(lm.model, "adapter", None)  # what new requests get
         self._inbox: queue.Queue[Reply] = queue.Queue()
         self._model_lock = threading.Lock()  # held for each step, and for idle adapter swaps
-        self._caches: dict[int, list] = {}
         self._active: list[Reply] = []
         threading.Thread(target=self._work, name="chat-engine", daemon=True).start()
 
@@ -95,18 +98,15 @@ class ChatEngine:
             if reply.owner == owner:
                 reply.cancelled.set()
 
-    def set_live(self, adapter: Adapter | None) -> float:
-        """Make `adapter` (or None) what new replies use; returns the seconds the swap took.
-        Replies already running keep theirs. If the model is idle the swap happens now."""
-        t0 = time.perf_counter()
+    def set_live(self, adapter: Adapter | None):
+        """Make `adapter` (or None) what new replies use. Replies already running keep theirs.
+        If the model is idle the swap happens now."""
         self.live = adapter
         with self._model_lock:
             self._use_adapter(adapter)
-        return time.perf_counter() - t0
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self):
-        gens = {}
         while True:
             if not self._active:
                 self._active.append(self._inbox.get())
@@ -116,37 +116,34 @@ class ChatEngine:
                 done = reply.cancelled.is_set()
                 if not done:
                     with self._model_lock:
-                        done = self._step(reply, gens)
+                        done = self._step(reply)
                 if done:
                     self._active.remove(reply)
-                    gen = gens.pop(id(reply), None)
-                    if gen is not None:
-                        gen[0].close()
-                    self._caches.pop(id(reply), None)
+                    if reply._tokens is not None:
+                        reply._tokens.close()
+                    reply._caches = None
                     reply.finished = reply.finished or time.perf_counter()
                     reply.deltas.put(_DONE)
             if not self._active:  # idle: leave the live adapter in place for the next request
                 with self._model_lock:
                     self._use_adapter(self.live)
 
-    def _step(self, reply: Reply, gens: dict) -> bool:
+    def _step(self, reply: Reply) -> bool:
         """Advance one reply by one token; True when it is finished."""
         self._use_adapter(reply.adapter)
-        key = id(reply)
         try:
-            if key not in gens:
-                stop_ids = self.lm.stop_ids
-                gens[key] = (generate_tokens(self.model, [reply.ids], reply.params, stop_ids),
-                             TextStream(self.lm.tokenizer, reply.params.stop))
+            if reply._tokens is None:
+                reply._tokens = generate_tokens(self.model, [reply.ids], reply.params, self.lm.stop_ids)
+                reply._text = TextStream(self.lm.tokenizer, reply.params.stop)
             else:
-                self._put_caches(self._caches[key])
-            tokens, text = gens[key]
+                self._put_caches(reply._caches)
             with conditioned(self.model, reply.condition):
-                step = next(tokens, None)
-            self._caches[key] = [layer.attention.kv_cache for layer in self.model.layers]
+                step = next(reply._tokens, None)
+            reply._caches = [layer.attention.kv_cache for layer in self.model.layers]
         except Exception as e:  # a bad request fails alone; the worker keeps serving
             reply.error = e
             return True
+        text = reply._text
         if step is None or step[0] is None:
             tail = text.finish()
             if tail:
