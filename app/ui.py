@@ -158,13 +158,18 @@ def build(studio: Studio) -> gr.Blocks:
         gr.api(chat, api_name="chat", concurrency_limit=4, concurrency_id="chat")
 
         # -- adapters -----------------------------------------------------------------------
-        def adapter_views(message_line: str):
-            names = studio.registry.names()
-            return (message_line, studio.live_line(), adapter_rows(studio),
-                    gr.update(choices=names), gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE),
+        def adapter_lists():
+            """Everything that shows the registry or the live adapter, in the order of list_outputs."""
+            return (studio.live_line(), adapter_rows(studio), gr.update(choices=studio.registry.names()),
+                    gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE),
                     gr.update(choices=studio.media_adapters("points")))
 
-        adapter_outputs = [adapter_msg, live, table, picked, chat_adapter, points_adapter]
+        list_outputs = [live, table, picked, chat_adapter, points_adapter]
+
+        def adapter_views(message_line: str):
+            return (message_line, *adapter_lists())
+
+        adapter_outputs = [adapter_msg, *list_outputs]
 
         @shown
         def switch(name):
@@ -233,12 +238,9 @@ def build(studio: Studio) -> gr.Blocks:
             keep = gr.update()
             return (status, curve if curve_changed else keep, log, now,
                     gr.update(choices=jobs) if lists_changed else keep,
-                    gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE) if lists_changed else keep,
-                    gr.update(choices=names) if lists_changed else keep,
-                    adapter_rows(studio) if lists_changed else keep, studio.live_line() if lists_changed else keep,
-                    gr.update(choices=studio.media_adapters("points")) if lists_changed else keep)
+                    *(adapter_lists() if lists_changed else [keep] * len(list_outputs)))
 
-        panel = [job_status, loss_plot, job_log, seen, job, chat_adapter, picked, table, live, points_adapter]
+        panel = [job_status, loss_plot, job_log, seen, job, *list_outputs]
         gr.Timer(TICK_S).tick(refresh, [job, seen], panel, show_progress="hidden", concurrency_limit=None)
         job.change(lambda j: job_panel(studio, j), job, [job_status, loss_plot, job_log], show_progress="hidden")
 
@@ -246,11 +248,9 @@ def build(studio: Studio) -> gr.Blocks:
             """A new or reloaded page reattaches to the newest running job (else the newest job)."""
             jobs = studio.runner.jobs()
             running = [j for j in jobs if studio.runner.view(j).state == "running"]
-            return (gr.update(choices=jobs, value=(running or jobs or [None])[0]),
-                    gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE),
-                    studio.live_line())
+            return gr.update(choices=jobs, value=(running or jobs or [None])[0]), *adapter_lists()
 
-        demo.load(on_load, None, [job, chat_adapter, live])
+        demo.load(on_load, None, [job, *list_outputs])
     return demo
 
 
@@ -305,7 +305,7 @@ def job_panel(studio: Studio, job_id: str | None):
         view = studio.runner.view(job_id)
     except UserError as e:
         return f"⚠ {e}", loss_frame([]), ""
-    rows = studio.runner.metrics(job_id)
+    rows = view.metrics
     curve = loss_frame([(r["step"], r["loss"]) for r in rows])
     progress = f"step {view.step}/{view.total_steps or '?'}"
     if view.total_steps:

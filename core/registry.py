@@ -50,20 +50,30 @@ class AdapterRegistry:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
         self._loaded: dict[str, tuple[float, Adapter]] = {}  # name -> (file mtime, adapter)
+        self._listed: dict[Path, tuple[tuple, Entry]] = {}  # path -> ((mtime, size), entry)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{clean_name(name)}.safetensors"
 
     def entries(self) -> list[Entry]:
-        out = []
+        """Every file's metadata and fitness for the model; a file is read again only when it
+        changes (open pages list the registry every few seconds)."""
+        out, listed = [], {}
         for path in sorted(self.folder.glob("*.safetensors")):
-            meta, problem = {}, None
-            try:
-                meta = read_adapter_metadata(path)
-                check_base(meta, self.model)
-            except UserError as e:
-                problem = str(e)
-            out.append(Entry(path.stem, path, meta, problem))
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            cached = self._listed.get(path)
+            if cached is None or cached[0] != stamp:
+                meta, problem = {}, None
+                try:
+                    meta = read_adapter_metadata(path)
+                    check_base(meta, self.model)
+                except UserError as e:
+                    problem = str(e)
+                cached = (stamp, Entry(path.stem, path, meta, problem))
+            listed[path] = cached
+            out.append(cached[1])
+        self._listed = listed
         return out
 
     def names(self) -> list[str]:

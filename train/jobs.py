@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import UserError
@@ -38,6 +38,7 @@ class JobView:
     error: str | None
     adapter: str | None   # the registry name of its adapter, once registered
     data: str
+    metrics: list[dict] = field(default_factory=list, repr=False)  # metrics.jsonl, read for this view
 
 
 class JobRunner:
@@ -119,7 +120,8 @@ class JobRunner:
         metrics = self.metrics(job_id)
         last = metrics[-1] if metrics else {}
         return JobView(job_id, state, last.get("step", status.get("step", 0)), status.get("total_steps", 0),
-                       last.get("eta") if state == "running" else None, error, info.get("adapter"), info.get("data", ""))
+                       last.get("eta") if state == "running" else None, error, info.get("adapter"), info.get("data", ""),
+                       metrics)
 
     def metrics(self, job_id: str) -> list[dict]:
         path = self._dir(job_id) / "metrics.jsonl"
