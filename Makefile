@@ -14,9 +14,10 @@ $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
-	@# the browser tests drive Debian's chromium (Playwright's own browser download is not reachable)
-	[ -x /usr/bin/chromium ] || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$S apt-get update -q && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -q chromium; }
+	@# the browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
+	@# the audio tests speak words with Debian's espeak-ng
+	[ -x /usr/bin/chromium ] && [ -x /usr/bin/espeak-ng ] || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$S apt-get update -q && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -q chromium espeak-ng; }
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.test requirements-dev.txt

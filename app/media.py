@@ -24,58 +24,115 @@ def cloud_figure(points):
     return fig
 
 
-def points_tab(studio: Studio, stream_reply, user_turn, max_new):
-    from core.encoders.points import FORMATS, read_points
-    kind = "points"
-    with gr.Tab("Point Cloud", id="points"):
+def audio_facts(path) -> str:
+    """What the app makes of a clip before the encoder sees it: length, rate, channels."""
+    import soundfile as sf
+
+    from core.encoders.audio import MAX_SECONDS, RATE
+    info = sf.info(str(path))
+    notes = [f"{info.duration:.2f} s", f"{info.samplerate} Hz" + (f" (resampled to {RATE // 1000} kHz)" if info.samplerate != RATE else ""),
+             "mono" if info.channels == 1 else f"{info.channels} channels (averaged to mono)"]
+    if info.duration > MAX_SECONDS:
+        notes.append(f"only the first {MAX_SECONDS:.0f} s are heard")
+    return " · ".join(notes)
+
+
+# per kind: tab title, upload label, examples' glob, what the side panel shows, a sample question
+TABS = {
+    "image": ("Image", "Image (PNG, JPEG, WebP, BMP, GIF, TIFF)", "*.png", "ImageNet classes (EfficientNet-Lite0's own head)",
+              "e.g. What color is the shape?"),
+    "audio": ("Audio", "Audio clip (WAV, FLAC, OGG, MP3, AIFF; any rate, any channels; up to 30 s)", "*.wav",
+              "The clip as the encoder hears it", "e.g. What kind of sound is this?"),
+    "points": ("Point Cloud", "Point cloud (.npy, .ply, .pcd, .xyz, .txt; N x 3 or N x 6 xyz+rgb)", "*.npy",
+               "What the point encoder's heads see", "e.g. How many objects are there?"),
+}
+
+
+def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
+    """One tab per kind of input: upload or pick an example, see or hear it with what the
+    encoder reads, and ask; follow-ups are about the same input. Images can be mixed: a second
+    image with a weight (ImageBind-LLM's weighted mix of embeddings)."""
+    title, upload_label, pattern, side_label, placeholder = TABS[kind]
+    with gr.Tab(title, id=kind):
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Point cloud (" + ", ".join(FORMATS) + "; N x 3 or N x 6 xyz+rgb)",
-                                 file_types=list(FORMATS), elem_id="points-file")
-                examples = sorted(str(p) for p in (EXAMPLES / "points").glob("*.npy"))
+                second = weight = None
+                if kind == "image":
+                    upload = gr.Image(type="filepath", label=upload_label, elem_id="image-file", height=260)
+                    with gr.Accordion("Mix in a second image (optional)", open=False):
+                        second = gr.Image(type="filepath", label="Second image", elem_id="image-second", height=160)
+                        weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Weight of the second image",
+                                           elem_id="image-weight")
+                elif kind == "audio":
+                    upload = gr.Audio(type="filepath", label=upload_label, elem_id="audio-file")
+                else:
+                    upload = gr.File(label=upload_label, file_types=[".npy", ".ply", ".pcd", ".xyz", ".txt"],
+                                     elem_id="points-file")
+                examples = sorted(str(p) for p in (EXAMPLES / kind).glob(pattern))
                 if examples:
-                    gr.Examples([[e] for e in examples], inputs=upload, label="Examples (generated scenes)")
-                view = gr.Plot(label="3D view (drag to turn)", elem_id="points-view")
-                labels = gr.Label(label="What the point encoder's heads see", num_top_classes=7,
-                                  elem_id="points-labels")
+                    gr.Examples([[e] for e in examples], inputs=upload, label="Examples", elem_id=f"{kind}-examples",
+                                example_labels=[Path(e).stem for e in examples])
+                view = gr.Plot(label="3D view (drag to turn)", elem_id="points-view") if kind == "points" else None
+                if kind == "audio":  # Whisper's encoder has no classifier head: show what it is given
+                    side = gr.Textbox(label=side_label, interactive=False, elem_id="audio-labels")
+                else:
+                    side = gr.Label(label=side_label, num_top_classes=7, elem_id=f"{kind}-labels")
             with gr.Column(scale=2):
                 choices = studio.media_adapters(kind)
-                adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id="points-adapter",
-                                      label="Adapter (with a bind network for point clouds)")
-                chatbot = gr.Chatbot(elem_id="points-chat", height=380, label="Ask about the cloud")
+                adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id=f"{kind}-adapter",
+                                      label=f"Adapter (with a bind network for {title.lower()} inputs)")
+                chatbot = gr.Chatbot(elem_id=f"{kind}-chat", height=380, label=f"Ask about the {title.lower()}")
                 with gr.Row():
-                    message = gr.Textbox(placeholder="e.g. How many objects are there?", show_label=False, scale=6,
-                                         elem_id="points-message")
-                    send = gr.Button("Ask", variant="primary", scale=1, elem_id="points-send")
+                    message = gr.Textbox(placeholder=placeholder, show_label=False, scale=6, elem_id=f"{kind}-message")
+                    send = gr.Button("Ask", variant="primary", scale=1, elem_id=f"{kind}-send")
                     clear = gr.Button("Clear", scale=1)
 
         def show(path):
-            """A new cloud: draw it, read it with the encoder's heads, and start a new conversation."""
+            """A new input: show what the encoder makes of it, and start a new conversation."""
             if not path:
-                return None, None, []
+                return (None, None, []) if view else (None, [])
             try:
-                points = read_points(path)
+                return (*read_for_view(kind, path, view is not None), [])
             except UserError as e:
                 raise gr.Error(str(e), print_exception=False) from None
-            found = None
-            try:
-                from core.encoders import DEFAULT_ENCODERS, get_encoder
-                encoder = get_encoder(DEFAULT_ENCODERS[kind])
-                found = encoder.labels([encoder.load(points)])
-            except UserError as e:  # no encoder weights: the cloud is still drawn
-                gr.Warning(str(e))
-            return cloud_figure(points), ({name: p for name, p in found[0]} if found else None), []
 
-        def answer(history, path, name, max_new_tokens, request: gr.Request):
+        def answer(history, path, second_path, second_weight, name, max_new_tokens, request: gr.Request):
             if not name:
-                raise gr.Error("No point-cloud adapter in the registry: train one on points records "
+                raise gr.Error(f"No {title.lower()} adapter in the registry: train one on {kind} records "
                                "(README: Multimodal) or add one in the Adapters tab.", print_exception=False)
-            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name,
-                                    media=(kind, path))
+            media = (kind, path)
+            if second_path and path:
+                media = (kind, [path, second_path], [1.0 - second_weight, second_weight])
+            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
 
-        upload.change(show, upload, [view, labels, chatbot])
+        upload.change(show, upload, [view, side, chatbot] if view else [side, chatbot])
+        extra = [second, weight] if second is not None else [gr.State(None), gr.State(0.0)]
         for trigger in (message.submit, send.click):
             trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
-                answer, [chatbot, upload, adapter, max_new], chatbot, concurrency_limit=4, concurrency_id="chat")
+                answer, [chatbot, upload, *extra, adapter, max_new], chatbot, concurrency_limit=4,
+                concurrency_id="chat")
         clear.click(lambda: [], None, chatbot, queue=False)
     return adapter
+
+
+def read_for_view(kind: str, path, with_view: bool):
+    """(3D figure,) and the side panel for an input; raises UserError for unusable input."""
+    from core.encoders import DEFAULT_ENCODERS, get_encoder
+    if kind == "audio":
+        from core.encoders.audio import read_audio
+        read_audio(path)  # the clip's own errors (silent, too short, unreadable) show at once
+        return (audio_facts(path),)
+    loaded = None
+    if kind == "points":
+        from core.encoders.points import read_points
+        loaded = read_points(path)
+    found = None
+    try:
+        encoder = get_encoder(DEFAULT_ENCODERS[kind])
+        found = encoder.labels([encoder.load(loaded if loaded is not None else path)])
+    except UserError as e:
+        if kind == "image":  # the image's own problem (unreadable, too small)
+            raise
+        gr.Warning(str(e))  # no encoder weights: the cloud is still drawn
+    labels = {name: p for name, p in found[0]} if found else None
+    return (cloud_figure(loaded), labels) if with_view else (labels,)

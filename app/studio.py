@@ -32,7 +32,8 @@ def message_text(message: dict) -> str:
 
 
 def footer(reply: Reply, adapter_name: str) -> str:
-    return (f"\n\n<sub>{reply.tokens} tokens · {reply.tokens_per_s:.1f} tok/s · "
+    rate = f"{reply.tokens_per_s:.1f} tok/s" if reply.tokens > 1 else "- tok/s"  # a rate needs two tokens
+    return (f"\n\n<sub>{reply.tokens} tokens · {rate} · "
             f"first token {reply.first_token - reply.submitted:.2f} s · adapter: {adapter_name}</sub>"
             if reply.first_token is not None else f"\n\n<sub>no tokens · adapter: {adapter_name}</sub>")
 
@@ -91,18 +92,22 @@ class Studio:
                     top_p: float, owner: str = "", adapter="live", media: tuple[str, object] | None = None
                     ) -> tuple[Reply, str | None]:
         """Submit the conversation (ending with the user's message) on the live adapter, or on
-        `adapter` (a registry name) about `media` ((kind, file or array)) for the media tabs."""
+        `adapter` (a registry name) about `media` for the media tabs: (kind, file or array), or
+        (kind, [files], [weights]) for several inputs mixed into one."""
         messages = [{"role": m["role"], "content": message_text(m)} for m in history if m["role"] in ("user", "assistant")]
         if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise UserError("empty message: type something to send")
         adapter = self.engine.live if adapter == "live" else self.registry.load(adapter) if adapter else None
         condition = None
         if media is not None:
-            kind, source = media
-            if source is None:
+            kind, sources, weights = (*media, None) if len(media) == 2 else media
+            sources = sources if isinstance(sources, list) else [sources]
+            if not sources or any(s is None for s in sources):
                 raise UserError(f"upload a {kind} file or pick an example first")
+            if len(sources) > 1 and weights is None:
+                weights = [1.0] * len(sources)
             with torch.no_grad():
-                condition = embed_inputs(adapter, [source], kind)
+                condition = embed_inputs(adapter, sources, kind, weights)
         fmt, default_system, stops = chat_setup(self.lm, adapter)
         system = system.strip() if system and system.strip() else default_system
         params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),

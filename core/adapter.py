@@ -370,3 +370,23 @@ def _load_official_v1(path: Path, model: Transformer) -> Adapter:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def cast_adapter_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfloat16"):
+    """Rewrite an adapter file with its tensors in `dtype` (bf16 halves the size of the files that
+    ship in assets/); loading casts them back to the model's dtype."""
+    from safetensors.torch import load_file, save_file
+    meta = read_adapter_metadata(src)
+    tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in load_file(str(src)).items()}
+    with atomic_path(dst) as tmp:
+        save_file(tensors, tmp, metadata={"llama_adapter": json.dumps(meta)})
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m core.adapter", description="rewrite an adapter file in another dtype")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    a = ap.parse_args()
+    cast_adapter_file(a.src, a.dst, a.dtype)

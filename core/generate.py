@@ -25,8 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
     media = p.add_mutually_exclusive_group()
     for kind in KINDS:
-        media.add_argument(f"--{kind}", metavar="FILE", help=f"ask about this {kind} file (needs an adapter "
-                           f"trained on {kind} records)")
+        media.add_argument(f"--{kind}", metavar="FILE", nargs="+", help=f"ask about this {kind} file (needs an "
+                           f"adapter trained on {kind} records); several files are mixed, see --weights")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per input file (default: equal)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
     p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
@@ -76,11 +77,15 @@ def run(args) -> int:
         parallel.apply_model_parallel(lm.model)
     kind = next((k for k in KINDS if getattr(args, k)), None)
     condition = None
+    if args.weights and not kind:
+        raise UserError("--weights needs input files: --image, --audio or --points")
     if kind:
         if not args.adapter:
             raise UserError(f"--{kind} needs --adapter: one trained on {kind} records")
         with torch.no_grad():
-            condition = embed_inputs(lm.model.adapter, [getattr(args, kind)], kind)
+            files = getattr(args, kind)
+            weights = args.weights or ([1.0] * len(files) if len(files) > 1 else None)
+            condition = embed_inputs(lm.model.adapter, files, kind, weights)
     with conditioned(lm.model, condition):
         return converse(args, lm, rank)
 

@@ -78,9 +78,10 @@ def conditioned(model: Transformer, condition: torch.Tensor | None):
             prompt.condition = None
 
 
-def embed_inputs(adapter, sources: list, kind: str | None = None) -> torch.Tensor:
-    """(B, dim) prompt additions for B inputs (files or arrays), through the encoder the adapter
-    was trained with and its bind network."""
+def embed_inputs(adapter, sources: list, kind: str | None = None, weights: list[float] | None = None) -> torch.Tensor:
+    """Prompt additions for inputs (files or arrays), through the encoder the adapter was trained
+    with and its bind network: (B, dim), one row per input; with `weights`, all the inputs mixed
+    into one row (combine) first, e.g. two images at 0.7 and 0.3."""
     from core.encoders import get_encoder
     name = adapter.cfg.encoder if adapter is not None else None
     if not name:
@@ -88,5 +89,7 @@ def embed_inputs(adapter, sources: list, kind: str | None = None) -> torch.Tenso
                         "accepted: an adapter trained on image, audio or points records")
     encoder = get_encoder(name, kind)
     features = encoder.embed([encoder.load(s) for s in sources])
+    if weights is not None:
+        features = combine(list(features.split(1)), weights)
     p = next(adapter.bind.parameters())
     return adapter.bind(features.to(p.device, p.dtype))

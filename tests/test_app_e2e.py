@@ -214,17 +214,43 @@ def test_finished_adapter_goes_live_and_answers(page):
     assert len(last_reply(page).split("tokens ·")[0].strip()) > 0
 
 
-def test_point_cloud_tab_shows_an_example_in_3d_and_answers(page):
-    page.get_by_role("tab", name="Point Cloud").click()
-    page.get_by_text("white-cube.npy").first.click()  # an example made by train.pointclouds
-    page.wait_for_selector("#points-view .js-plotly-plot", timeout=60_000)
-    page.wait_for_function("() => document.querySelector('#points-labels').innerText.includes('object')",
-                           timeout=30_000)
-    box = page.locator("#points-message textarea")
-    box.fill("How many objects are there?")
+def ask_in_tab(page, kind, tab, example, question, shot_name) -> str:
+    """Pick an example in a media tab, ask about it, and return the streamed answer's text."""
+    page.get_by_role("tab", name=tab).click()
+    page.locator(f"#{kind}-examples").get_by_text(example, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#{kind}-labels').innerText.trim().length > 0",
+                           timeout=60_000)
+    box = page.locator(f"#{kind}-message textarea")
+    box.fill(question)
     box.press("Enter")
-    page.wait_for_function("() => document.querySelector('#points-chat').innerText.includes('tok/s')",
+    page.wait_for_function(f"() => document.querySelector('#{kind}-chat').innerText.includes('tok/s')",
                            timeout=120_000)
-    shot(page, "7-point-cloud")
-    reply = page.locator("#points-chat .message.bot").last.inner_text()
-    assert "adapter: points" in reply and len(reply.split("tokens ·")[0].strip()) > 0
+    shot(page, shot_name)
+    reply = page.locator(f"#{kind}-chat .message.bot").last.inner_text()
+    assert f"adapter: {kind}" in reply
+    return reply.split("tokens ·")[0].rsplit("\n", 1)[0].strip()
+
+
+def test_point_cloud_tab_shows_an_example_in_3d_and_answers(page):
+    answer = ask_in_tab(page, "points", "Point Cloud", "white-cube", "How many objects are there?", "7-point-cloud")
+    assert page.locator("#points-view .js-plotly-plot").count() == 1
+    assert "1 object" in page.locator("#points-labels").inner_text()
+    assert answer.startswith("1"), answer
+
+
+def test_image_tab_answers_about_an_example_with_imagenet_labels(page):
+    answer = ask_in_tab(page, "image", "Image", "red-triangle", "What shape is in the image?", "8-image")
+    assert answer.startswith("triangle"), answer
+    box = page.locator("#image-message textarea")  # a follow-up about the same image
+    box.fill("What color is the shape?")
+    box.press("Enter")
+    page.wait_for_function("() => { const bots = document.querySelectorAll('#image-chat .message.bot'); "
+                           "return bots.length == 2 && bots[1].innerText.includes('tok/s'); }", timeout=120_000)
+    assert page.locator("#image-chat .message.bot").last.inner_text().startswith("red")
+
+
+def test_audio_tab_plays_an_example_and_answers(page):
+    answer = ask_in_tab(page, "audio", "Audio", "tone-low", "What kind of sound is this?", "9-audio")
+    assert "16 kHz" in page.locator("#audio-labels").inner_text() or "Hz" in page.locator("#audio-labels").inner_text()
+    assert page.locator("#audio-file audio, #audio-file .waveform-container, #audio-file button").count() > 0
+    assert answer.startswith("tone"), answer

@@ -117,3 +117,36 @@ def test_tiny_random_points_records_train_the_bind_network_with_features_compute
         r["points"] = str(tmp_path / "points" / r["points"])
     acc, pairs = accuracy(lm, records, "alpaca", max_new_tokens=4)
     assert len(pairs) == len(records) and 0 <= acc <= 1
+
+
+def test_tiny_random_stage_two_starts_from_stage_one_and_adds_v2_tuning(tmp_path):
+    """ImageBind-LLM's second stage: --init loads the first stage's prompts, gates and bind
+    network; the V2 bias/scale and norms it adds start at identity, so the model's first loss
+    is the first stage's last state, and then they train."""
+    from core.loading import load_model
+    from tests.helpers import hf_llama
+    from train.finetune import parse_args, run
+    from train.pointclouds import write_dataset
+    torch.manual_seed(0)
+    weights = tmp_path / "pointnet.safetensors"
+    save_file(PointNet(width=32).state_dict(), weights)
+    ENCODERS["tiny-random-points-2"] = lambda: PointNetEncoder(weights)
+    write_dataset(tmp_path / "points", n_train=8, n_test=2)
+    hf_llama(tmp_path / "hf", num_hidden_layers=2)
+    lm = load_model(str(tmp_path / "hf"), "float32", "cpu")
+    common = ["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "points" / "train.jsonl"),
+              "--encoder", "tiny-random-points-2", "--batch-size", "8", "--lr", "0.05", "--warmup-epochs", "0",
+              "--precision", "fp32"]
+    one = run(parse_args([*common, "--out", str(tmp_path / "one"), "--layers", "2", "--prompt-len", "4", "--epochs", "4"]), lm)
+    one.detach()
+    two = run(parse_args([*common, "--out", str(tmp_path / "two"), "--init", str(tmp_path / "one" / "adapter.safetensors"),
+                          "--bias-scale", "--norm-tuning", "--epochs", "2"]), lm)
+    assert two.cfg.bias_scale and two.cfg.norm_tuning and two.cfg.prompt_len == 4 and two.cfg.encoder == "tiny-random-points-2"
+    # one batch holds all 8 records, so stage two's first loss is stage one's model on the same
+    # batch: identical up to stage one's last (tiny) step, had the new V2 tensors changed anything
+    first_two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    losses_one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(first_two - losses_one[-1]) < 0.01 and abs(first_two - losses_one[0]) > 0.1
+    biases = [p for n, p in two.named_parameters() if ".bias." in n and not n.startswith("bind")]
+    assert biases and any(b.abs().max() > 0 for b in biases)  # the V2 biases trained
+    two.detach()

@@ -69,6 +69,17 @@ def accuracy(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 1
     return sum(a == b for a, b in pairs) / len(pairs), pairs
 
 
+def breakdown(records: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Exact match per kind of question ("How many ...", "Is there ...": its first two words)."""
+    groups: dict[str, list[bool]] = {}
+    for r, (answer, expected) in zip(records, pairs):
+        question = r.get("instruction") or next(m["content"] for m in r["messages"] if m["role"] == "user")
+        groups.setdefault(" ".join(question.split()[:2]) + " ...", []).append(answer == expected)
+    rows = ["| question | exact match | count |", "|---|---|---|"]
+    rows += [f"| {q} | {sum(hits) / len(hits):.1%} | {len(hits)} |" for q, hits in sorted(groups.items(), key=lambda g: -len(g[1]))]
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -82,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--show", type=int, default=5, help="print this many answers")
+    p.add_argument("--breakdown", action="store_true", help="also a markdown table by the questions' first two words")
     p.add_argument("--dtype")
     p.add_argument("--device")
     args = p.parse_args(argv)
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
     loss = validation_loss(lm, records, fmt, args.batch_size)
     for answer, expected in pairs[:args.show]:
         print(f"  {'ok ' if answer == expected else 'bad'} {answer!r} (expected {expected!r})")
+    if args.breakdown:
+        print(breakdown(records, pairs))
     source = f"task {args.task} ({args.split}, " if args.task else f"{args.data} ("
     print(f"{source}{len(records)} records, prompt format {fmt}): "
           f"exact match {acc:.1%}, validation loss {loss:.4f}")

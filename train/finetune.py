@@ -18,6 +18,7 @@ and the process exits 0; --resume then gives the losses an uninterrupted run wou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.adapter import Adapter, AdapterConfig, base_description, save_adapter
+from core.adapter import Adapter, AdapterConfig, base_description, load_adapter, save_adapter
 from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.loading import LoadedModel, cpu_has_fast_bf16, default_device, load_model
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--bias-scale", action="store_true", help="V2: bias and scale on the linears")
     a.add_argument("--norm-tuning", action="store_true", help="V2: the adapted layers' norms train")
     a.add_argument("--encoder", help="for image/audio/points records: the encoder (default: pointnet for points)")
+    a.add_argument("--init", metavar="ADAPTER", help="stage two (ImageBind-LLM, V2): start from this adapter's prompts, "
+                   "gates and bind network (its K, L and encoder); add --bias-scale / --norm-tuning to tune those too")
     a.add_argument("--gate-init", choices=("zero", "random"), default="zero",
                    help="zero as the paper; random (N(0,1)) only to reproduce its ablation")
     o = p.add_argument_group("optimization")
@@ -209,7 +212,19 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
     cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim)
-    adapter = Adapter.create(model, cfg).attach(model)
+    stage_one = None
+    if args.init:  # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
+        stage_one = load_adapter(args.init, model, attach=False)
+        if stage_one.cfg.encoder != (encoder or None) and (stage_one.cfg.encoder or encoder):
+            raise UserError(f"--init {args.init} reads {stage_one.cfg.encoder or 'text only'}, "
+                            f"these records {encoder or 'text only'}")
+        cfg = dataclasses.replace(stage_one.cfg, bias_scale=stage_one.cfg.bias_scale or args.bias_scale,
+                                  norm_tuning=stage_one.cfg.norm_tuning or args.norm_tuning)
+    adapter = Adapter.create(model, cfg)
+    if stage_one is not None:
+        missing = adapter.load_state_dict(stage_one.state_dict(), strict=False).missing_keys
+        log.say(f"stage two from {args.init}: {len(missing)} new V2 tensors at identity")
+    adapter.attach(model)
     adapter.meta["base"] = base
     if args.gate_init == "random":
         with torch.no_grad():

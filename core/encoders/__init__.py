@@ -34,7 +34,7 @@ class Encoder(ABC):
 
 KINDS = ("image", "audio", "points")  # the kinds of input an encoder reads (Encoder.modality)
 ENCODERS: dict[str, Callable[[], Encoder]] = {}
-DEFAULT_ENCODERS = {"points": "pointnet"}  # per kind of input, what needs no download
+DEFAULT_ENCODERS = {"image": "efficientnet-lite0", "audio": "whisper-tiny", "points": "pointnet"}  # per kind of input, what needs no download
 _built: dict[str, Encoder] = {}
 
 
@@ -59,4 +59,4 @@ def get_encoder(name: str, kind: str | None = None) -> Encoder:
 
 
 def _import_builtin():
-    from core.encoders import points  # noqa: F401  (registers its encoders)
+    from core.encoders import audio, image, points  # noqa: F401  (they register their encoders)

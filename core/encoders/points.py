@@ -94,28 +94,40 @@ def normalize(points: np.ndarray, n: int = N_POINTS, seed: int = 0) -> np.ndarra
     return out
 
 
-class PointNet(nn.Module):
-    """PointNet (a shared per-point MLP, max-pooled: order-invariant) after one EdgeConv layer
-    (DGCNN): each point first sees its k nearest neighbours' offsets, which is what tells a flat
-    face from a curved one under any rotation. Small enough to train on a CPU."""
+def edge_features(feats: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """EdgeConv input: each point's own features beside its neighbours' offsets from it.
+    feats (B, N, C), near (B, N, k) neighbour indices -> (B, N, k, 2C)."""
+    B, N, C = feats.shape
+    rows = near + N * torch.arange(B, device=near.device)[:, None, None]  # indices into (B*N) points
+    neighbours = feats.reshape(B * N, C)[rows]
+    own = feats.unsqueeze(2).expand_as(neighbours)
+    return torch.cat([own, neighbours - own], -1)
 
-    def __init__(self, in_dim: int = 6, width: int = 256, k: int = 16):
+
+class PointNet(nn.Module):
+    """A small DGCNN: three EdgeConv layers (each point sees its k nearest neighbours' offsets,
+    which tells a flat face from an edge or a curve under any rotation; layers 2 and 3 look at
+    the neighbours' learned features too), then a shared per-point MLP, max- and mean-pooled so
+    the result does not depend on point order. Small enough to run on a CPU per upload."""
+
+    def __init__(self, in_dim: int = 6, width: int = 256, k: int = 16, local: int = 64):
         super().__init__()
-        self.k = k
-        self.edge = nn.Sequential(nn.Linear(in_dim + 3, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU())
-        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, width), nn.GELU(),
-                                 nn.Linear(width, width))
-        self.width = width
+        self.k, self.width = k, width
+        self.edge1 = nn.Sequential(nn.Linear(2 * in_dim, local), nn.GELU(), nn.Linear(local, local), nn.GELU())
+        self.edge2 = nn.Sequential(nn.Linear(2 * local, local), nn.GELU())
+        self.edge3 = nn.Sequential(nn.Linear(2 * local, 2 * local), nn.GELU())
+        self.point = nn.Sequential(nn.Linear(4 * local, width), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 6) -> (B, width)."""
         xyz = points[..., :3]
         near = torch.cdist(xyz, xyz).topk(self.k + 1, largest=False).indices[..., 1:]  # (B, N, k), self excluded
-        neighbours = torch.gather(xyz.unsqueeze(1).expand(-1, xyz.shape[1], -1, -1), 2,
-                                  near.unsqueeze(-1).expand(-1, -1, -1, 3))      # (B, N, k, 3)
-        edges = torch.cat([points.unsqueeze(2).expand(-1, -1, self.k, -1), neighbours - xyz.unsqueeze(2)], -1)
-        local = self.edge(edges).max(dim=2).values                                 # (B, N, 64)
-        return self.mlp(local).max(dim=1).values
+        f1 = self.edge1(edge_features(points, near)).max(dim=2).values
+        f2 = self.edge2(edge_features(f1, near)).max(dim=2).values
+        f3 = self.edge3(edge_features(f2, near)).max(dim=2).values
+        per_point = self.point(torch.cat([f1, f2, f3], -1))
+        return self.out(torch.cat([per_point.max(dim=1).values, per_point.mean(dim=1)], -1))
 
 
 class PointHeads(nn.Module):
@@ -147,9 +159,9 @@ class PointNetEncoder(Encoder):
         state = load_file(str(weights))
         with safe_open(str(weights), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("point_encoder", "{}"))
-        width = state["mlp.4.weight"].shape[0]
+        width = state["out.2.weight"].shape[0]
         self.net = PointNet(width=width).eval().requires_grad_(False)
-        self.net.load_state_dict({k: v for k, v in state.items() if k.startswith(("edge.", "mlp."))})
+        self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
         self.dim = width
         self.shapes, self.colors = meta.get("shapes"), meta.get("colors")
         self.heads = None
