@@ -156,3 +156,44 @@ def test_two_images_mix_by_their_weights(smollm2):
     assert not torch.allclose(even, alone, atol=1e-3) and not torch.allclose(even, other, atol=1e-3)
     with pytest.raises(UserError, match="weights must be"):
         embed_inputs(adapter, [a, b], "image", [1.0])
+
+
+def short_run_records(kind: str, split: str, n: int, tmp_path: Path) -> list[dict]:
+    """n records of one balanced question (the shape of an easy-VQA image, the object count of a
+    generated scene), media files under tmp_path."""
+    if kind == "image":
+        from train.easyvqa import records
+        return [r for r in records(split) if r["instruction"] == "What shape is in the image?"][:n]
+    from train.pointclouds import scene
+    rows = []
+    for i in range(n):
+        points, objects = scene(split, i)
+        np.save(tmp_path / f"{split}{i}.npy", points)
+        rows.append({"points": str(tmp_path / f"{split}{i}.npy"), "instruction": "How many objects are there?",
+                     "output": str(len(objects))})
+    return rows
+
+
+# Audio is left out: its first loss is higher (14 against 8) and 72 steps at lr 4e-3 (1e-2
+# diverged) still answered nothing right; the full run's adapter is tested above instead.
+@pytest.mark.parametrize("kind", ["image", "points"])
+def test_a_short_real_run_beats_chance(smollm2, tmp_path, kind):
+    """A few dozen steps of train.finetune on the real embedded model and encoder (only the top
+    two layers adapted, to keep it short) answer held-out questions above chance (1 in 3) and
+    above the most common answer's share."""
+    import json
+    from collections import Counter
+
+    from train.evaluate import accuracy
+    from train.finetune import parse_args, run
+    train, test = short_run_records(kind, "train", 96, tmp_path), short_run_records(kind, "test", 32, tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    adapter = run(parse_args(["--model", "smollm2", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "run"),
+                              "--layers", "2", "--prompt-len", "4", "--batch-size", "8", "--epochs", "3",
+                              "--lr", "1e-2", "--warmup-epochs", "0.2"]), smollm2)
+    try:
+        acc, pairs = accuracy(smollm2, test, "alpaca", batch_size=16, max_new_tokens=4)
+    finally:
+        adapter.detach()
+    majority = Counter(r["output"] for r in test).most_common(1)[0][1] / len(test)
+    assert acc > max(0.5, majority), (acc, majority, pairs[:8])

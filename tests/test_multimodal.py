@@ -83,20 +83,27 @@ class CountingEncoder(PointNetEncoder):
         return super().embed(inputs)
 
 
-def test_tiny_random_points_records_train_the_bind_network_with_features_computed_once(tmp_path):
-    from core.adapter import load_adapter
+def tiny_points_setup(tmp_path, encoder_name: str, n_train: int, n_test: int):
+    """A 2-layer random HF llama, a width-32 random PointNet registered as `encoder_name`, and a
+    generated point-cloud dataset in tmp_path/points; returns the loaded model."""
     from core.loading import load_model
     from tests.helpers import hf_llama
-    from train.evaluate import accuracy
-    from train.finetune import parse_args, run
     from train.pointclouds import write_dataset
     torch.manual_seed(0)
     weights = tmp_path / "pointnet.safetensors"
     save_file(PointNet(width=32).state_dict(), weights)
-    ENCODERS["tiny-random-points"] = lambda: CountingEncoder(weights)
-    write_dataset(tmp_path / "points", n_train=12, n_test=4)
+    ENCODERS[encoder_name] = lambda: CountingEncoder(weights)
+    CountingEncoder.embedded = 0
+    write_dataset(tmp_path / "points", n_train=n_train, n_test=n_test)
     hf_llama(tmp_path / "hf", num_hidden_layers=2)
-    lm = load_model(str(tmp_path / "hf"), "float32", "cpu")
+    return load_model(str(tmp_path / "hf"), "float32", "cpu")
+
+
+def test_tiny_random_points_records_train_the_bind_network_with_features_computed_once(tmp_path):
+    from core.adapter import load_adapter
+    from train.evaluate import accuracy
+    from train.finetune import parse_args, run
+    lm = tiny_points_setup(tmp_path, "tiny-random-points", n_train=12, n_test=4)
     out = tmp_path / "run"
     adapter = run(parse_args(["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "points" / "train.jsonl"),
                               "--val-data", str(tmp_path / "points" / "test.jsonl"), "--out", str(out),
@@ -123,17 +130,8 @@ def test_tiny_random_stage_two_starts_from_stage_one_and_adds_v2_tuning(tmp_path
     """ImageBind-LLM's second stage: --init loads the first stage's prompts, gates and bind
     network; the V2 bias/scale and norms it adds start at identity, so the model's first loss
     is the first stage's last state, and then they train."""
-    from core.loading import load_model
-    from tests.helpers import hf_llama
     from train.finetune import parse_args, run
-    from train.pointclouds import write_dataset
-    torch.manual_seed(0)
-    weights = tmp_path / "pointnet.safetensors"
-    save_file(PointNet(width=32).state_dict(), weights)
-    ENCODERS["tiny-random-points-2"] = lambda: PointNetEncoder(weights)
-    write_dataset(tmp_path / "points", n_train=8, n_test=2)
-    hf_llama(tmp_path / "hf", num_hidden_layers=2)
-    lm = load_model(str(tmp_path / "hf"), "float32", "cpu")
+    lm = tiny_points_setup(tmp_path, "tiny-random-points-2", n_train=8, n_test=2)
     common = ["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "points" / "train.jsonl"),
               "--encoder", "tiny-random-points-2", "--batch-size", "8", "--lr", "0.05", "--warmup-epochs", "0",
               "--precision", "fp32"]

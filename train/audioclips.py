@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from core.files import atomic_path
+from train.data import write_split
 
 RATE = 16_000
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -111,12 +110,7 @@ def write_dataset(out: str | Path = "data/audio", n_train: int = SPLITS["train"]
             name = f"{split}/{i:05d}.wav"
             sf.write(out / name, wave, RATE, subtype="PCM_16")
             rows += [{"audio": name, "instruction": q, "output": a} for q, a in questions(facts)]
-        with atomic_path(out / f"{split}.jsonl") as tmp:
-            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{out / split}.jsonl: {len(rows)} questions about {n} clips")
-        if split == "test":
-            with atomic_path(out / "val.jsonl") as tmp:
-                Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
+        write_split(out, split, rows, f" about {n} clips")
 
 
 def write_examples(out: str | Path) -> None:

@@ -72,6 +72,16 @@ def load_records(source: str) -> list[dict]:
     return [r for _, r in items]
 
 
+def write_split(out: Path, split: str, rows: list[dict], what: str = "") -> None:
+    """out/<split>.jsonl, written atomically; for the test split also out/val.jsonl, its first 200
+    records, which the generated datasets use for the validation loss while training."""
+    from core.files import atomic_path
+    for name, chunk in [(split, rows)] + ([("val", rows[:200])] if split == "test" else []):
+        with atomic_path(out / f"{name}.jsonl") as tmp:
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in chunk))
+    print(f"{out / split}.jsonl: {len(rows)} questions{what}")
+
+
 def _json_lines(text: str, path: Path) -> list[tuple[int, object]]:
     items = []
     for n, line in enumerate(text.splitlines(), 1):

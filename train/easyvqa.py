@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from core.errors import UserError
-from core.files import atomic_path
+from train.data import write_split
 
 
 def package_data() -> Path:
@@ -39,13 +39,7 @@ def write_dataset(out: str | Path = "data/easy-vqa") -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        rows = records(split)
-        with atomic_path(out / f"{split}.jsonl") as tmp:
-            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{out / split}.jsonl: {len(rows)} questions")
-        if split == "test":
-            with atomic_path(out / "val.jsonl") as tmp:
-                Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
+        write_split(out, split, records(split))
 
 
 def write_examples(out: str | Path, n: int = 3) -> None:

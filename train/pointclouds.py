@@ -111,10 +111,9 @@ def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["tes
     """out/{train,test}/NNNNN.npy (xyz+rgb, float16) and out/{train,test}.jsonl records
     {"points": path, "instruction": question, "output": answer}, paths relative to `out`; and
     out/val.jsonl, the first 200 test questions, for the validation loss while training."""
-    import json
     from pathlib import Path
 
-    from core.files import atomic_path
+    from train.data import write_split
     out = Path(out)
     for split, n in (("train", n_train), ("test", n_test)):
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -125,12 +124,7 @@ def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["tes
             np.save(out / name, points.astype(np.float16))
             rng = np.random.default_rng(_seed(split, i) + 1)
             rows += [{"points": name, "instruction": q, "output": a} for q, a in questions(objects, rng)]
-        with atomic_path(out / f"{split}.jsonl") as tmp:
-            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{out / split}.jsonl: {len(rows)} questions about {n} scenes")
-        if split == "test":  # a small slice for the validation loss during training
-            with atomic_path(out / "val.jsonl") as tmp:
-                Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
+        write_split(out, split, rows, f" about {n} scenes")
 
 
 def write_examples(out, n: int = 4):

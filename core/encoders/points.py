@@ -174,8 +174,12 @@ class PointNetEncoder(Encoder):
         return normalize(points)
 
     @torch.no_grad()
-    def embed(self, inputs: list) -> torch.Tensor:
+    def features(self, inputs: list) -> torch.Tensor:
+        """The PointNet's own (N, width) output."""
         return self.net(torch.from_numpy(np.stack(inputs)).float())
+
+    def embed(self, inputs: list) -> torch.Tensor:
+        return self.features(inputs)
 
     @torch.no_grad()
     def labels(self, inputs: list, k: int = 5):
@@ -183,7 +187,7 @@ class PointNetEncoder(Encoder):
         find present, with probabilities."""
         if self.heads is None:
             return None
-        count, multi = self.heads(self.embed(inputs))
+        count, multi = self.heads(self.features(inputs))
         count, multi = count.softmax(-1), multi.sigmoid()
         out = []
         for c, m in zip(count, multi):
@@ -193,3 +197,24 @@ class PointNetEncoder(Encoder):
             found += sorted(((names[j], float(m[j])) for j in range(len(names)) if m[j] > 0.5), key=lambda t: -t[1])
             out.append(found[:k + 1])
         return out
+
+
+@register("pointnet-heads")
+class PointNetHeadsEncoder(PointNetEncoder):
+    """The PointNet's embedding with its heads' reading beside it (count, shapes, colours and
+    shape-colour pairs as probabilities), each half unit length: what the encoder was trained to
+    tell, in a form the bind network can read off directly."""
+    name = "pointnet-heads"
+
+    def __init__(self, weights: str | Path = WEIGHTS):
+        super().__init__(weights)
+        if self.heads is None:
+            raise UserError(f"{Path(weights).name} has no heads; make it with `python -m train.point_encoder`")
+        self.dim = self.net.width + self.heads.count.out_features + self.heads.multi[-1].out_features
+
+    @torch.no_grad()
+    def embed(self, inputs: list) -> torch.Tensor:
+        z = self.features(inputs)
+        count, multi = self.heads(z)
+        reading = torch.cat([count.softmax(-1), multi.sigmoid()], -1)
+        return torch.cat([nn.functional.normalize(z, dim=-1), nn.functional.normalize(reading, dim=-1)], -1)
