@@ -130,14 +130,5 @@ def write_examples(out: str | Path) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m train.audioclips", description="write the audio QA dataset")
-    ap.add_argument("--out", default="data/audio")
-    ap.add_argument("--train", type=int, default=SPLITS["train"])
-    ap.add_argument("--test", type=int, default=SPLITS["test"])
-    ap.add_argument("--examples", help="instead: write one clip of each kind for the app into this folder")
-    a = ap.parse_args()
-    if a.examples:
-        write_examples(a.examples)
-    else:
-        write_dataset(a.out, a.train, a.test)
+    from train.data import generator_cli
+    generator_cli("train.audioclips", "audio", "data/audio", SPLITS, write_dataset, write_examples)

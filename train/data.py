@@ -82,6 +82,22 @@ def write_split(out: Path, split: str, rows: list[dict], what: str = "") -> None
     print(f"{out / split}.jsonl: {len(rows)} questions{what}")
 
 
+def generator_cli(module: str, what: str, out: str, splits: dict, write_dataset, write_examples) -> None:
+    """The command line of a generated multimodal dataset: `--out DIR --train N --test N`, or
+    `--examples DIR` for the app's example inputs."""
+    import argparse
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=f"write the {what} QA dataset")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--train", type=int, default=splits["train"])
+    ap.add_argument("--test", type=int, default=splits["test"])
+    ap.add_argument("--examples", help="instead: write a few examples for the app into this folder")
+    a = ap.parse_args()
+    if a.examples:
+        write_examples(a.examples)
+    else:
+        write_dataset(a.out, a.train, a.test)
+
+
 def _json_lines(text: str, path: Path) -> list[tuple[int, object]]:
     items = []
     for n, line in enumerate(text.splitlines(), 1):

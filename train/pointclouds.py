@@ -147,14 +147,5 @@ def write_examples(out, n: int = 4):
 
 
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m train.pointclouds", description="write the point-cloud QA dataset")
-    ap.add_argument("--out", default="data/points")
-    ap.add_argument("--train", type=int, default=SPLITS["train"])
-    ap.add_argument("--test", type=int, default=SPLITS["test"])
-    ap.add_argument("--examples", help="instead: write a few example clouds for the app into this folder")
-    a = ap.parse_args()
-    if a.examples:
-        write_examples(a.examples)
-    else:
-        write_dataset(a.out, a.train, a.test)
+    from train.data import generator_cli
+    generator_cli("train.pointclouds", "point-cloud", "data/points", SPLITS, write_dataset, write_examples)

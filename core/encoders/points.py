@@ -198,23 +198,3 @@ class PointNetEncoder(Encoder):
             out.append(found[:k + 1])
         return out
 
-
-@register("pointnet-heads")
-class PointNetHeadsEncoder(PointNetEncoder):
-    """The PointNet's embedding with its heads' reading beside it (count, shapes, colours and
-    shape-colour pairs as probabilities), each half unit length: what the encoder was trained to
-    tell, in a form the bind network can read off directly."""
-    name = "pointnet-heads"
-
-    def __init__(self, weights: str | Path = WEIGHTS):
-        super().__init__(weights)
-        if self.heads is None:
-            raise UserError(f"{Path(weights).name} has no heads; make it with `python -m train.point_encoder`")
-        self.dim = self.net.width + self.heads.count.out_features + self.heads.multi[-1].out_features
-
-    @torch.no_grad()
-    def embed(self, inputs: list) -> torch.Tensor:
-        z = self.features(inputs)
-        count, multi = self.heads(z)
-        reading = torch.cat([count.softmax(-1), multi.sigmoid()], -1)
-        return torch.cat([nn.functional.normalize(z, dim=-1), nn.functional.normalize(reading, dim=-1)], -1)
