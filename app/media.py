@@ -66,8 +66,8 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                 elif kind == "audio":
                     upload = gr.Audio(type="filepath", label=upload_label, elem_id="audio-file")
                 else:
-                    upload = gr.File(label=upload_label, file_types=[".npy", ".ply", ".pcd", ".xyz", ".txt"],
-                                     elem_id="points-file")
+                    from core.encoders.points import FORMATS
+                    upload = gr.File(label=upload_label, file_types=list(FORMATS), elem_id="points-file")
                 examples = sorted(str(p) for p in (EXAMPLES / kind).glob(pattern))
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=upload, label="Examples", elem_id=f"{kind}-examples",

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     stage_one = None
     if args.init:  # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
         stage_one = load_adapter(args.init, model, attach=False)
-        if stage_one.cfg.encoder != (encoder or None) and (stage_one.cfg.encoder or encoder):
+        if (stage_one.cfg.encoder or None) != (encoder or None):
             raise UserError(f"--init {args.init} reads {stage_one.cfg.encoder or 'text only'}, "
                             f"these records {encoder or 'text only'}")
         cfg = dataclasses.replace(stage_one.cfg, bias_scale=stage_one.cfg.bias_scale or args.bias_scale,

@@ -7,6 +7,7 @@ The app, the CLI and training look encoders up by name in ENCODERS.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,17 @@ class Encoder(ABC):
     def labels(self, inputs: list, k: int = 5) -> list[list[tuple[str, float]]] | None:
         """Top-k class labels where the encoder has a classifier head; None where it has none."""
         return None
+
+
+def media_file(source, formats: tuple[str, ...], what: str, accepted: str) -> Path:
+    """`source` as the path of an existing file in one of `formats`, or a one-line UserError
+    naming the problem (`what`: "image", "audio", "point-cloud")."""
+    path = Path(source)
+    if path.suffix.lower() not in formats:
+        raise UserError(f"{path.name}: unknown {what} format {path.suffix or '(none)'}; {accepted}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    return path
 
 
 KINDS = ("image", "audio", "points")  # the kinds of input an encoder reads (Encoder.modality)

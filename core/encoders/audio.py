@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.encoders import Encoder, register
+from core.encoders import Encoder, media_file, register
 from core.errors import UserError
 
 FORMATS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -42,11 +42,7 @@ def read_audio(source) -> np.ndarray:
     resampled (soxr), channels averaged, clips over 30 s cut to their first 30 s."""
     if isinstance(source, (str, Path)):
         import soundfile as sf
-        path = Path(source)
-        if path.suffix.lower() not in FORMATS:
-            raise UserError(f"{path.name}: unknown audio format {path.suffix or '(none)'}; {ACCEPTED}")
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
+        path = media_file(source, FORMATS, "audio", ACCEPTED)
         try:
             wave, rate = sf.read(str(path), dtype="float32", always_2d=True, frames=int(600 * 192_000))
         except Exception as e:  # soundfile raises its own LibsndfileError and RuntimeErrors

@@ -9,6 +9,7 @@ classifier gives the ImageNet labels shown beside an answer.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.encoders import Encoder, register
+from core.encoders import Encoder, media_file, register
 from core.errors import UserError
 
 FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -44,11 +45,7 @@ def read_image(source):
     if isinstance(source, Image.Image):
         image = source
     else:
-        path = Path(source)
-        if path.suffix.lower() not in FORMATS:
-            raise UserError(f"{path.name}: unknown image format {path.suffix or '(none)'}; {ACCEPTED}")
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
+        path = media_file(source, FORMATS, "image", ACCEPTED)
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         try:
             image = Image.open(path)
@@ -161,6 +158,7 @@ class EfficientNetEncoder(Encoder):
         return [[(names[i], float(p)) for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
 
 
+@functools.cache  # importing timm and reading its tables takes seconds: once per process
 def imagenet_names() -> list[str]:
     """The 1000 ImageNet-1k class names, in class order (from timm, installed with open_clip)."""
     try:

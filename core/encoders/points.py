@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.encoders import Encoder, register
+from core.encoders import Encoder, media_file, register
 from core.errors import UserError
 
 FORMATS = (".npy", ".ply", ".pcd", ".xyz", ".txt")
@@ -25,12 +25,8 @@ GREY = 0.5
 
 def read_points(path: str | Path) -> np.ndarray:
     """(N, 6) float32 xyz + rgb in 0..1 (grey where the file has no colour)."""
-    path = Path(path)
+    path = media_file(path, FORMATS, "point-cloud", ACCEPTED)
     suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise UserError(f"{path.name}: unknown point-cloud format {suffix or '(none)'}; {ACCEPTED}")
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
     try:
         if suffix == ".npy":
             arr = np.load(path, allow_pickle=False)  # never unpickle an upload
@@ -174,12 +170,8 @@ class PointNetEncoder(Encoder):
         return normalize(points)
 
     @torch.no_grad()
-    def features(self, inputs: list) -> torch.Tensor:
-        """The PointNet's own (N, width) output."""
-        return self.net(torch.from_numpy(np.stack(inputs)).float())
-
     def embed(self, inputs: list) -> torch.Tensor:
-        return self.features(inputs)
+        return self.net(torch.from_numpy(np.stack(inputs)).float())
 
     @torch.no_grad()
     def labels(self, inputs: list, k: int = 5):
@@ -187,7 +179,7 @@ class PointNetEncoder(Encoder):
         find present, with probabilities."""
         if self.heads is None:
             return None
-        count, multi = self.heads(self.features(inputs))
+        count, multi = self.heads(self.embed(inputs))
         count, multi = count.softmax(-1), multi.sigmoid()
         out = []
         for c, m in zip(count, multi):
@@ -197,4 +189,3 @@ class PointNetEncoder(Encoder):
             found += sorted(((names[j], float(m[j])) for j in range(len(names)) if m[j] > 0.5), key=lambda t: -t[1])
             out.append(found[:k + 1])
         return out
-
