@@ -12,8 +12,9 @@ $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-test-nodeps.txt
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-test-nodeps.txt
 	@# the browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
 	@# the audio tests speak words with Debian's espeak-ng
 	[ -x /usr/bin/chromium ] && [ -x /usr/bin/espeak-ng ] || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="a public gradio.live link (needs the internet)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--encoder-weights", metavar="PATH", help="ImageBind's imagebind_huge.pth, for adapters trained "
+                   "with --encoder imagebind (default: the cached copy, else the official download)")
     return p.parse_args(argv)
 
 
@@ -62,6 +64,9 @@ def main(argv=None):
         lm = load_model(args.model, args.dtype, args.device)
     except UserError as e:
         sys.exit(f"error: {e}")
+    if args.encoder_weights:
+        from core.encoders import configure_encoder
+        configure_encoder("imagebind", weights=args.encoder_weights)
     studio = Studio(lm, args.adapters, args.runs, model_name=args.model)
     for name in studio.runner.register_finished(studio.registry):  # jobs that finished while the app was down
         print(f"registered adapter {name}")

@@ -118,15 +118,15 @@ class Studio:
 
     def media_adapters(self, kind: str) -> list[str]:
         """Registry adapters trained on `kind` inputs (their encoder reads that kind)."""
-        from core.encoders import get_encoder
+        from core.encoders import encoder_kinds
         names = []
         for e in self.registry.entries():
             encoder = e.meta.get("config", {}).get("encoder")
             if e.problem is None and encoder:
                 try:
-                    get_encoder(encoder, kind)
-                    names.append(e.name)
-                except UserError:  # its encoder reads another kind, or is not available here
+                    if kind in encoder_kinds(encoder):
+                        names.append(e.name)
+                except UserError:  # an encoder this version does not know
                     pass
         return names
 

@@ -14,7 +14,7 @@ import torch
 from core.chat_format import FORMATS, render
 from core.errors import UserError
 from core.generation import Generator, SamplingParams
-from core.encoders import KINDS
+from core.encoders import KINDS, configure_encoder
 
 
 def parse_args(argv=None):
@@ -23,11 +23,14 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="smollm2, or a path: .gguf file, Hugging Face or Meta folder")
     p.add_argument("--adapter", help="adapter file (.safetensors, or the official V1 .pth)")
     p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
-    media = p.add_mutually_exclusive_group()
     for kind in KINDS:
-        media.add_argument(f"--{kind}", metavar="FILE", nargs="+", help=f"ask about this {kind} file (needs an "
-                           f"adapter trained on {kind} records); several files are mixed, see --weights")
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per input file (default: equal)")
+        p.add_argument(f"--{kind}", metavar="FILE", nargs="+", help=f"ask about this {kind} file (needs an "
+                       f"adapter trained on {kind} records); several files are mixed, see --weights")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per input file, in the order "
+                   f"{', '.join('--' + k for k in KINDS)} (default: equal); kinds mix only with an encoder that "
+                   "reads them all (imagebind)")
+    p.add_argument("--encoder-weights", metavar="PATH", help="the adapter's encoder's checkpoint (imagebind: "
+                   "imagebind_huge.pth; default: the cached copy, else the official download)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
     p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
@@ -75,17 +78,18 @@ def run(args) -> int:
         device = str(lm.model.tok_embeddings.weight.device)
         rank, _ = parallel.init_model_parallel(device)
         parallel.apply_model_parallel(lm.model)
-    kind = next((k for k in KINDS if getattr(args, k)), None)
+    inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
     condition = None
-    if args.weights and not kind:
+    if args.weights and not inputs:
         raise UserError("--weights needs input files: --image, --audio or --points")
-    if kind:
+    if inputs:
         if not args.adapter:
-            raise UserError(f"--{kind} needs --adapter: one trained on {kind} records")
+            raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
+        if args.encoder_weights:
+            configure_encoder(lm.model.adapter.cfg.encoder or "", weights=args.encoder_weights)
         with torch.no_grad():
-            files = getattr(args, kind)
-            weights = args.weights or ([1.0] * len(files) if len(files) > 1 else None)
-            condition = embed_inputs(lm.model.adapter, files, kind, weights)
+            weights = args.weights or ([1.0] * len(inputs) if len(inputs) > 1 else None)
+            condition = embed_inputs(lm.model.adapter, [f for _, f in inputs], [k for k, _ in inputs], weights)
     with conditioned(lm.model, condition):
         return converse(args, lm, rank)
 

@@ -78,17 +78,20 @@ def conditioned(model: Transformer, condition: torch.Tensor | None):
             prompt.condition = None
 
 
-def embed_inputs(adapter, sources: list, kind: str | None = None, weights: list[float] | None = None) -> torch.Tensor:
+def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
+                 weights: list[float] | None = None) -> torch.Tensor:
     """Prompt additions for inputs (files or arrays), through the encoder the adapter was trained
     with and its bind network: (B, dim), one row per input; with `weights`, all the inputs mixed
-    into one row (combine) first, e.g. two images at 0.7 and 0.3."""
+    into one row (combine) first, e.g. two images at 0.7 and 0.3. `kind`: of every input, or a
+    list with one kind per input (an image and a clip, with an encoder that reads both: imagebind)."""
     from core.encoders import get_encoder
     name = adapter.cfg.encoder if adapter is not None else None
     if not name:
         raise UserError("this adapter has no bind network (it was trained on text only); "
                         "accepted: an adapter trained on image, audio or points records")
-    encoder = get_encoder(name, kind)
-    features = encoder.embed([encoder.load(s) for s in sources])
+    kinds = list(kind) if isinstance(kind, (list, tuple)) else [kind] * len(sources)
+    encoders = [get_encoder(name, k) for k in dict.fromkeys(kinds)]  # refuses a kind it cannot read
+    features = encoders[0].embed([encoders[0].load(s, k) for s, k in zip(sources, kinds)])
     if weights is not None:
         features = combine(list(features.split(1)), weights)
     p = next(adapter.bind.parameters())

@@ -61,9 +61,9 @@ def load_records(source: str) -> list[dict]:
         media = media_of(record)
         kind = media[0] if media else None
         kinds.add(kind)
-        if len(kinds) > 1:
-            raise UserError(f"{path}:{line}: records mix inputs ({', '.join(sorted(str(k) for k in kinds))}); "
-                            "accepted: one kind of input (image, audio or points) in every record, or none")
+        if None in kinds and len(kinds) > 1:  # kinds of media may mix, given an encoder that reads them all
+            raise UserError(f"{path}:{line}: records mix text-only and {', '.join(sorted(k for k in kinds if k))} "
+                            "records; accepted: an input (image, audio or points) in every record, or in none")
         if kind:
             file = path.parent / record[kind]
             if not file.is_file():
@@ -223,19 +223,21 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
     """Give every multimodal example its encoder embedding, each file encoded once, so epochs
     never re-run the frozen encoder. Returns the encoder's name (None for text-only data)."""
     from core.encoders import DEFAULT_ENCODERS, get_encoder
-    kinds = {e.media[0] for e in examples if e.media}
+    kinds = sorted({e.media[0] for e in examples if e.media})
     if not kinds:
         return None
-    kind = kinds.pop()
-    name = encoder_name or DEFAULT_ENCODERS[kind]
-    encoder = get_encoder(name, kind)
-    cache: dict[str, torch.Tensor] = {}
-    paths = sorted({e.media[1] for e in examples})
-    for i in range(0, len(paths), 64):
-        chunk = paths[i:i + 64]
-        cache.update(zip(chunk, encoder.embed([encoder.load(p) for p in chunk])))
+    if len(kinds) > 1 and not encoder_name:
+        raise UserError(f"these records mix {' and '.join(kinds)}: name one --encoder that reads them all "
+                        "(imagebind), or train one adapter per kind")
+    name = encoder_name or DEFAULT_ENCODERS[kinds[0]]
+    encoder = [get_encoder(name, kind) for kind in kinds][0]  # refuses a kind it cannot read
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+    media = sorted({tuple(e.media) for e in examples})
+    for i in range(0, len(media), 64):
+        chunk = media[i:i + 64]
+        cache.update(zip(chunk, encoder.embed([encoder.load(path, kind) for kind, path in chunk])))
     for e in examples:
-        e.features = cache[e.media[1]]
+        e.features = cache[tuple(e.media)]
     return name
 
 

@@ -62,7 +62,7 @@ def accuracy(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 1
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         media = [media_of(r) for r in chunk]
-        condition = embed_inputs(lm.model.adapter, [m[1] for m in media], media[0][0]) if media[0] else None
+        condition = embed_inputs(lm.model.adapter, [m[1] for m in media], [m[0] for m in media]) if media[0] else None
         with conditioned(lm.model, condition):
             replies = gen.generate([prompt_text(r, fmt, lm.system_prompt) for r in chunk], params)
         pairs += [(answer_of(reply), r["output"]) for reply, r in zip(replies, chunk)]

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from core.adapter import Adapter, AdapterConfig, base_description, load_adapter, save_adapter
+from core.encoders import configure_encoder
 from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.loading import LoadedModel, cpu_has_fast_bf16, default_device, load_model
@@ -55,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--layers", type=int, default=30, help="L, adapted top layers (clamped)")
     a.add_argument("--bias-scale", action="store_true", help="V2: bias and scale on the linears")
     a.add_argument("--norm-tuning", action="store_true", help="V2: the adapted layers' norms train")
-    a.add_argument("--encoder", help="for image/audio/points records: the encoder (default: pointnet for points)")
+    a.add_argument("--encoder", help="for image/audio/points records: the encoder by name (default: "
+                   "efficientnet-lite0, whisper-tiny, pointnet; imagebind reads images and audio into one space; "
+                   "openclip:ARCH:PRETRAINED_OR_PATH)")
+    a.add_argument("--encoder-weights", metavar="PATH", help="the encoder's checkpoint (imagebind: imagebind_huge.pth)")
     a.add_argument("--init", metavar="ADAPTER", help="stage two (ImageBind-LLM, V2): start from this adapter's prompts, "
                    "gates and bind network (its K, L and encoder); add --bias-scale / --norm-tuning to tune those too")
     a.add_argument("--gate-init", choices=("zero", "random"), default="zero",
@@ -208,6 +212,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     examples = tokenize_records(records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len)
     val_examples = tokenize_records(val_records, tok, lm.chat_format, lm.system_prompt, args.max_seq_len) \
         if val_records else []
+    if args.encoder and args.encoder_weights:
+        configure_encoder(args.encoder, weights=args.encoder_weights)
     encoder = embed_media(examples + val_examples, args.encoder)
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)

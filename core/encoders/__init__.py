@@ -17,12 +17,18 @@ from core.errors import UserError
 
 class Encoder(ABC):
     name: str
-    modality: str   # one of KINDS
+    modality: str   # the kind of input it reads (one of KINDS), or the default of several
     dim: int        # embedding width
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Every kind of input it reads into its one embedding space (ImageBind: seven)."""
+        return (self.modality,)
+
     @abstractmethod
-    def load(self, source: Any) -> Any:
-        """A file path or an in-memory input -> what `embed` takes (raises UserError if unusable)."""
+    def load(self, source: Any, kind: str | None = None) -> Any:
+        """A file path or an in-memory input of `kind` (default: `modality`) -> what `embed`
+        takes (raises UserError if unusable)."""
 
     @abstractmethod
     def embed(self, inputs: list) -> torch.Tensor:
@@ -44,10 +50,22 @@ def media_file(source, formats: tuple[str, ...], what: str, accepted: str) -> Pa
     return path
 
 
+def embed_by_group(inputs: list[tuple[str, torch.Tensor]], encode: Callable) -> torch.Tensor:
+    """Tagged inputs (kind, tensor) -> (N, dim) float32 rows in input order, for encoders that read
+    several kinds: the items of one kind and shape go through `encode(kind, batch)` as one batch."""
+    out: list = [None] * len(inputs)
+    for kind, shape in dict.fromkeys((k, t.shape) for k, t in inputs):
+        rows = [i for i, (k, t) in enumerate(inputs) if k == kind and t.shape == shape]
+        for i, row in zip(rows, encode(kind, torch.stack([inputs[i][1] for i in rows])).float()):
+            out[i] = row
+    return torch.stack(out)
+
+
 KINDS = ("image", "audio", "points")  # the kinds of input an encoder reads (Encoder.modality)
 ENCODERS: dict[str, Callable[[], Encoder]] = {}
 DEFAULT_ENCODERS = {"image": "efficientnet-lite0", "audio": "whisper-tiny", "points": "pointnet"}  # per kind of input, what needs no download
 _built: dict[str, Encoder] = {}
+_options: dict[str, dict] = {}  # per encoder: what its constructor takes besides the name (weights=...)
 
 
 def register(name: str):
@@ -57,18 +75,44 @@ def register(name: str):
     return wrap
 
 
+def configure_encoder(name: str, **options):
+    """Options for an encoder's next build, e.g. configure_encoder("imagebind", weights=PATH)."""
+    base = name.partition(":")[0]
+    _options[base] = {k: v for k, v in options.items() if v is not None}
+    for built in [n for n in _built if n.partition(":")[0] == base]:
+        del _built[built]
+
+
 def get_encoder(name: str, kind: str | None = None) -> Encoder:
-    """The encoder called `name`, built once per process; refused if it does not read `kind`."""
+    """The encoder called `name`, built once per process; refused if it does not read `kind`.
+    A name may carry an argument after a colon: openclip:ARCH[:PRETRAINED_OR_PATH]."""
+    kinds = encoder_kinds(name)  # checked before building: a build may read gigabytes
+    if kind and kind not in kinds:
+        raise UserError(f"encoder {name} reads {' and '.join(kinds)}, not {kind}")
+    return _build(name)
+
+
+def encoder_kinds(name: str) -> tuple[str, ...]:
+    """The kinds of input the encoder called `name` reads, known without building it where its
+    factory is an Encoder class."""
     _import_builtin()
-    if name not in ENCODERS:
+    factory = ENCODERS.get(name.partition(":")[0])
+    if factory is None:
         raise UserError(f"unknown encoder {name!r}; accepted: {', '.join(sorted(ENCODERS))}")
+    if isinstance(getattr(factory, "kinds", None), tuple):
+        return factory.kinds
+    if isinstance(getattr(factory, "modality", None), str):
+        return (factory.modality,)
+    return _build(name).kinds  # a plain function: what it builds tells
+
+
+def _build(name: str) -> Encoder:
+    base, _, arg = name.partition(":")
     if name not in _built:
-        _built[name] = ENCODERS[name]()
-    encoder = _built[name]
-    if kind and encoder.modality != kind:
-        raise UserError(f"encoder {name} reads {encoder.modality}, not {kind}")
-    return encoder
+        options = _options.get(base, {})
+        _built[name] = ENCODERS[base](arg, **options) if arg else ENCODERS[base](**options)
+    return _built[name]
 
 
 def _import_builtin():
-    from core.encoders import audio, image, points  # noqa: F401  (they register their encoders)
+    from core.encoders import audio, image, imagebind, openclip, points  # noqa: F401  (they register their encoders)

@@ -98,7 +98,7 @@ class WhisperEncoder(Encoder):
         import ctranslate2
         self.model = ctranslate2.models.Whisper(str(model or package_model()), device="cpu", compute_type="float32")
 
-    def load(self, source) -> tuple[np.ndarray, int]:
+    def load(self, source, kind=None) -> tuple[np.ndarray, int]:
         """(log-mel, how many encoder frames hold the clip itself)."""
         wave = read_audio(source)
         return log_mel(wave), max(SEGMENTS, round(len(wave) / RATE * FRAMES_PER_SECOND))

@@ -142,7 +142,7 @@ class EfficientNetEncoder(Encoder):
         state = torch.load(weights or package_weights(), map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
 
-    def load(self, source) -> np.ndarray:
+    def load(self, source, kind=None) -> np.ndarray:
         return preprocess(read_image(source))
 
     @torch.no_grad()

@@ -165,7 +165,7 @@ class PointNetEncoder(Encoder):
             self.heads = PointHeads(width, len(self.shapes), len(self.colors)).eval().requires_grad_(False)
             self.heads.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
 
-    def load(self, source) -> np.ndarray:
+    def load(self, source, kind=None) -> np.ndarray:
         points = read_points(source) if isinstance(source, (str, Path)) else as_points(source)
         return normalize(points)
 

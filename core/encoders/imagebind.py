@@ -1,0 +1,253 @@
+"""ImageBind as an encoder: the official preprocessing of each modality, the released weights
+(found, or downloaded where the network allows), and one 1024-d space for images, audio, text,
+video, depth, thermal and IMU, so inputs of different kinds mix in one bind network.
+
+Preprocessing, as the released model was trained:
+- image: RGB, shorter side to 224 (bicubic), centre crop 224, CLIP mean/std; the model repeats a
+  still image to 2 frames.
+- audio: 16 kHz mono, 3 clips of 2 s with evenly spaced starts, each clip's mean removed, Kaldi
+  fbank (128 mel bins, 25 ms / 10 ms, Hanning, htk_compat, no energy, no dither; torchaudio's
+  implementation: kaldi-native-fbank refuses 128 bins at 16 kHz as too many), padded or cut to 204
+  frames, normalized with mean -4.268 and std 9.138.
+- text: CLIP BPE ids, context 77 (open_clip's tokenizer gives the released tokenizer's ids; past 75
+  tokens it keeps the end-of-text id at the end, which the released one drops).
+- video: 5 clips of 2 s evenly spaced, 2 frames each, shorter side to 224, 3 spatial crops.
+- depth, thermal: one channel, shorter side to 224, centre crop 224. IMU: 6 x 2000 samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.encoders import Encoder, embed_by_group, register
+from core.errors import UserError
+
+URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+FILE = "imagebind_huge.pth"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIZE = 224
+RATE, AUDIO_CLIPS, CLIP_SECONDS, MEL_BINS, MEL_FRAMES = 16_000, 3, 2.0, 128, 204
+AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
+VIDEO_CLIPS, VIDEO_FRAMES = 5, 2
+IMU_SHAPE = (6, 2000)
+# input kind (as records and the app name them) -> ImageBind modality
+MODALITY = {"image": "vision", "video": "vision", "audio": "audio", "text": "text", "depth": "depth",
+            "thermal": "thermal", "imu": "imu"}
+
+
+# -- preprocessing ------------------------------------------------------------------------------
+def image_tensor(image) -> torch.Tensor:
+    """PIL image -> (3, 224, 224): shorter side 224 bicubic, centre crop, CLIP mean/std."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    image = TF.center_crop(TF.resize(image.convert("RGB"), SIZE, InterpolationMode.BICUBIC), SIZE)
+    return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
+
+
+def clip_starts(duration: float, clip: float, n: int) -> list[float]:
+    """n clip starts spread evenly from 0 to the last start that fits (all 0 when nothing fits)."""
+    last = max(duration - clip, 0.0)
+    return [last * i / max(n - 1, 1) for i in range(n)]
+
+
+def audio_tensor(waveform: np.ndarray, rate: int = RATE) -> torch.Tensor:
+    """16 kHz mono waveform -> (3, 1, 128, 204) normalized log-mel clips."""
+    try:
+        import torchaudio.compliance.kaldi as kaldi
+    except ImportError:
+        raise UserError("ImageBind audio needs `pip install --no-deps torchaudio==2.11.0` "
+                        "(see requirements-nodeps.txt)") from None
+    if rate != RATE:
+        raise UserError(f"ImageBind audio must be resampled to {RATE} Hz first, got {rate}")
+    wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).flatten()
+    clips = []
+    for start in clip_starts(len(wave) / RATE, CLIP_SECONDS, AUDIO_CLIPS):
+        clip = wave[int(start * RATE):int((start + CLIP_SECONDS) * RATE)]
+        clip = (clip - clip.mean())[None]
+        fbank = kaldi.fbank(clip, htk_compat=True, sample_frequency=RATE, use_energy=False, window_type="hanning",
+                            num_mel_bins=MEL_BINS, dither=0.0, frame_length=25, frame_shift=10).T
+        fbank = F.pad(fbank, (0, MEL_FRAMES - fbank.shape[1])) if fbank.shape[1] < MEL_FRAMES else fbank[:, :MEL_FRAMES]
+        clips.append((fbank[None] - AUDIO_MEAN) / AUDIO_STD)
+    return torch.stack(clips)
+
+
+def text_ids(texts: list[str]) -> torch.Tensor:
+    import open_clip
+    return open_clip.tokenize(texts, context_length=77)
+
+
+def video_tensor(frames: np.ndarray, fps: float) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames at `fps` -> (15, 3, 2, 224, 224): 5 clips of 2 s, 2 frames
+    each, shorter side 224 (bilinear), CLIP mean/std, left/centre/right (or top/centre/bottom) crops."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise UserError(f"video frames must be (frames, height, width, 3), got {frames.shape}")
+    video = torch.as_tensor(frames).permute(3, 0, 1, 2).float() / 255  # C, T, H, W
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1, 1)
+    out = []
+    for start in clip_starts(len(frames) / fps, CLIP_SECONDS, VIDEO_CLIPS):
+        first, stop = int(start * fps), max(int(start * fps) + 1, min(len(frames), int((start + CLIP_SECONDS) * fps)))
+        span = video[:, first:stop]
+        picks = torch.linspace(0, span.shape[1] - 1, VIDEO_FRAMES).clamp(0, span.shape[1] - 1).long()
+        clip = span[:, picks]
+        h, w = clip.shape[-2:]
+        size = (SIZE, int(w / h * SIZE)) if h <= w else (int(h / w * SIZE), SIZE)
+        clip = F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
+        clip = (clip - mean) / std
+        out += [_crop(clip, i) for i in range(3)]
+    return torch.stack(out)
+
+
+def _crop(clip: torch.Tensor, where: int) -> torch.Tensor:
+    """A 224 crop of (C, T, H, W) along its longer side: 0 start, 1 centre, 2 end."""
+    h, w = clip.shape[-2:]
+    y, x = math.ceil((h - SIZE) / 2), math.ceil((w - SIZE) / 2)
+    if h > w:
+        y = {0: 0, 1: y, 2: h - SIZE}[where]
+    else:
+        x = {0: 0, 1: x, 2: w - SIZE}[where]
+    return clip[..., y:y + SIZE, x:x + SIZE]
+
+
+def single_channel_tensor(image) -> torch.Tensor:
+    """A depth or thermal image (PIL, or an (H, W) array) -> (1, 224, 224): shorter side 224, centre crop."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    if x.ndim == 3:  # a greyscale image read as RGB
+        x = x.mean(-1)
+    if x.ndim != 2 or not torch.isfinite(x).all():
+        raise UserError(f"a depth or thermal map must be one finite (height, width) channel, got {tuple(x.shape)}")
+    if not isinstance(image, np.ndarray):
+        x = x / 255
+    return TF.center_crop(TF.resize(x[None], SIZE, InterpolationMode.BICUBIC), SIZE)
+
+
+def imu_tensor(series: np.ndarray) -> torch.Tensor:
+    """(6, N) or (N, 6) accelerometer + gyroscope samples -> (6, 2000), cut or zero-padded."""
+    x = torch.as_tensor(np.asarray(series, dtype=np.float32))
+    if x.ndim == 2 and x.shape[0] != 6 and x.shape[1] == 6:
+        x = x.T
+    if x.ndim != 2 or x.shape[0] != 6 or not torch.isfinite(x).all() or x.shape[1] == 0:
+        raise UserError(f"IMU data must be 6 finite channels (6 x N or N x 6), got {tuple(x.shape)}")
+    return F.pad(x, (0, max(IMU_SHAPE[1] - x.shape[1], 0)))[:, :IMU_SHAPE[1]]
+
+
+# -- weights -------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "llama-adapter-studio"))
+
+
+def missing_weights(reason: str) -> UserError:
+    return UserError(f"ImageBind needs its released weights ({FILE}, 4.5 GB) and {reason}: download {URL} "
+                     f"and pass --encoder-weights PATH (or put it at {cache_dir() / FILE}); "
+                     "the embedded encoders (efficientnet-lite0, whisper-tiny, pointnet) need nothing")
+
+
+def find_weights(path: str | os.PathLike | None = None, url: str = URL, download: bool = True) -> Path:
+    """The checkpoint: `path` if given, else the cached copy, else downloaded into the cache (with
+    a progress bar, into a temporary file renamed when complete; its SHA-256 kept beside it and
+    checked on later loads)."""
+    if path:
+        if not Path(path).is_file():
+            raise missing_weights(f"{path} is not a file")
+        return Path(path)
+    cached = cache_dir() / FILE
+    if cached.is_file():
+        _check_digest(cached)
+        return cached
+    if not download:
+        raise missing_weights("none were found")
+    from torch.hub import download_url_to_file
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_url_to_file(url, str(cached), progress=True)  # writes a temporary file, then moves it
+    except (urllib.error.URLError, OSError) as e:
+        raise missing_weights(f"the download failed ({str(e)[:100]})") from None
+    cached.with_suffix(".sha256").write_text(_digest(cached) + "\n")
+    return cached
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_digest(path: Path):
+    recorded = path.with_suffix(".sha256")
+    if recorded.is_file() and recorded.read_text().strip() != _digest(path):
+        raise UserError(f"{path}: its SHA-256 differs from the one recorded at download; delete it to download again")
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype | None = None):
+    """The ImageBind model from a released-format checkpoint (a plain state dict)."""
+    from core.encoders.imagebind_model import build
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # corrupt, truncated, or not a weights-only pickle
+        raise UserError(f"{Path(path).name}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"{Path(path).name}: holds a {type(state).__name__}, not a state dict")
+    return build(state_dict=state, dtype=dtype)
+
+
+@register("imagebind")
+class ImageBindEncoder(Encoder):
+    """All of ImageBind's modalities in one 1024-d space. `load` takes the kind ("image", "audio",
+    "text", "video", "depth", "thermal", "imu") and returns (modality, tensor); `embed` runs each
+    modality's items (of one shape) as one batch and returns the rows in input order."""
+    name = "imagebind"
+    modality = "image"
+    kinds = tuple(MODALITY)
+    dim = 1024
+
+    def __init__(self, weights: str | None = None, dtype: str | None = None, model=None):
+        self.model = model or load_checkpoint(find_weights(weights), getattr(torch, dtype) if dtype else None)
+        self.dim = self.model.args.out_dim
+
+    def load(self, source, kind: str | None = None):
+        kind = kind or self.modality
+        if kind not in MODALITY:
+            raise UserError(f"ImageBind reads no {kind!r}; accepted: {', '.join(MODALITY)}")
+        if kind == "image":
+            from core.encoders.image import read_image
+            return "vision", image_tensor(read_image(source))
+        if kind == "audio":
+            from core.encoders.audio import read_audio
+            return "audio", audio_tensor(read_audio(source))
+        if kind == "text":
+            if not isinstance(source, str) or not source.strip():
+                raise UserError("text for ImageBind must be a non-empty string")
+            return "text", text_ids([source])[0]
+        if kind == "video":
+            frames, fps = source
+            return "vision", video_tensor(frames, fps)
+        if kind in ("depth", "thermal"):
+            return kind, single_channel_tensor(_array_or_image(source))
+        return "imu", imu_tensor(np.load(source) if isinstance(source, (str, Path)) else source)
+
+    @torch.no_grad()
+    def embed(self, inputs: list) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return embed_by_group(inputs, lambda m, batch: self.model.embed(m, batch if m == "text" else batch.to(dtype)))
+
+
+def _array_or_image(source):
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".npy":
+        return np.load(source, allow_pickle=False)
+    if isinstance(source, (str, Path)):
+        from core.encoders.image import read_image
+        return read_image(source).convert("L")
+    return source

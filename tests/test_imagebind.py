@@ -1,0 +1,311 @@
+"""ImageBind, OpenCLIP and mixing kinds of input: our ImageBind's layout against the released
+checkpoint's manifest; small random configurations against the reference implementation
+(peachdb-imagebind, the released model code, a test-only dependency) for every modality; the
+official preprocessing against the reference's own functions; clear errors for missing, corrupt
+and mismatched checkpoints; an OpenCLIP tower from a local checkpoint; an image and a clip mixed
+into one bind network. The real weights (4.5 GB) cannot be had here: the manifest stands in."""
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.encoders import ENCODERS, encoder_kinds, get_encoder
+from core.encoders import imagebind as ib
+from core.encoders.imagebind_model import MODALITIES, ImageBindArgs, build
+from core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT.parent / "shared" / "data" / "imagebind_huge_manifest.tsv"
+SMALL = dict(width=32, n_blocks=2, n_heads=4, out_dim=24)
+IMAGE = ROOT / "assets" / "examples" / "image" / "red-triangle.png"
+CLIP = ROOT / "assets" / "examples" / "audio" / "speech-five.wav"
+
+
+def manifest() -> dict[str, tuple]:
+    rows = [line.rstrip("\n").split("\t") for line in MANIFEST.read_text().splitlines()[1:]]
+    return {k: (tuple(int(n) for n in shape.split("x")) if shape != "scalar" else (), kind)
+            for k, shape, _dtype, _numel, kind in rows}
+
+
+def reference():
+    """The released model code. Its data module imports pytorchvideo for video decoding, which
+    does not import beside torchvision 0.29; the functions used here do not touch it."""
+    for name in ("pytorchvideo", "pytorchvideo.transforms", "pytorchvideo.data", "pytorchvideo.data.clip_sampling",
+                 "pytorchvideo.data.encoded_video"):
+        module = sys.modules.setdefault(name, types.ModuleType(name))
+        module.ConstantClipsPerVideoSampler = module.EncodedVideo = None
+    import imagebind.data
+    from imagebind.models.imagebind_model import ImageBindModel
+    return ImageBindModel, imagebind.data
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    """The same small random weights in the reference model and in ours."""
+    ImageBindModel, _ = reference()
+    torch.manual_seed(0)
+    kw = {f"{m}_{part}": SMALL[key] for m in MODALITIES
+          for part, key in (("embed_dim", "width"), ("num_blocks", "n_blocks"), ("num_heads", "n_heads"))}
+    theirs = ImageBindModel(out_embed_dim=SMALL["out_dim"], **kw).eval()
+    ours = build(ImageBindArgs.small(**SMALL), state_dict=theirs.state_dict())
+    return theirs, ours
+
+
+def test_imagebind_huge_has_exactly_the_released_keys_shapes_and_buffers():
+    with torch.device("meta"):
+        model = ib_huge()
+    released = manifest()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(released) == len(ours) == 1311
+    assert ours == {k: shape for k, (shape, _) in released.items()}
+    params = dict(model.named_parameters())
+    assert {k for k, (_, kind) in released.items() if kind == "param"} == set(params)
+
+
+def ib_huge():
+    from core.encoders.imagebind_model import ImageBind
+    return ImageBind(ImageBindArgs())
+
+
+def test_imagebind_huge_builds_from_a_checkpoint_in_seconds_without_a_random_init(tmp_path):
+    """A full-size state dict (uninitialized tensors of the manifest's shapes) loads strictly into
+    a model built on the meta device: no init, no copy. In a fresh process, so its memory is its own."""
+    script = """
+import resource, time, torch
+from tests.test_imagebind import manifest
+from core.encoders.imagebind_model import build
+state = {k: torch.empty(shape) for k, (shape, _) in manifest().items()}
+start = time.perf_counter()
+model = build(state_dict=state)
+took = time.perf_counter() - start
+assert model.modality_trunks["vision"].blocks[31].mlp.fc1.weight.data_ptr() == state[
+    "modality_trunks.vision.blocks.31.mlp.fc1.weight"].data_ptr()  # the checkpoint's own tensors
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seconds, peak_gib = map(float, out.stdout.split())
+    assert seconds < 5 and peak_gib < 5, (seconds, peak_gib)
+
+
+def test_small_random_imagebind_equals_the_reference_for_every_modality(small_pair):
+    theirs, ours = small_pair
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "vision": torch.randn(2, 3, 224, 224, generator=g),
+        "text": ib.text_ids(["a dog barking", "rain on a tin roof"]),
+        "audio": torch.randn(2, 3, 1, 128, 204, generator=g),       # 3 clips per item, averaged
+        "depth": torch.randn(2, 1, 224, 224, generator=g),
+        "thermal": torch.randn(2, 1, 224, 224, generator=g),
+        "imu": torch.randn(2, 6, 2000, generator=g),
+    }
+    video = {"vision": torch.randn(1, 6, 3, 2, 224, 224, generator=g)}  # 6 clips of 2 frames
+    with torch.no_grad():
+        want, got = theirs(inputs), ours(inputs)
+        want_video, got_video = theirs(video)["vision"], ours(video)["vision"]
+    for m in MODALITIES:
+        assert got[m].shape == (2, SMALL["out_dim"])
+        torch.testing.assert_close(got[m], want[m], rtol=0, atol=1e-5, msg=m)
+    torch.testing.assert_close(got_video, want_video, rtol=0, atol=1e-5)
+    # the postprocessors' scales: unit vision, audio x20, depth x5, thermal x10, IMU x5, text x 1/0.07
+    norms = {m: got[m].norm(dim=-1).mean().item() for m in MODALITIES}
+    with torch.no_grad():  # one clip, not the average of three
+        norms["audio"] = ours.embed("audio", inputs["audio"][:, 0]).norm(dim=-1).mean().item()
+    assert norms == pytest.approx({"vision": 1, "audio": 20, "depth": 5, "thermal": 10, "imu": 5, "text": 1 / 0.07},
+                                  rel=1e-4)
+
+
+def test_small_imagebind_loads_in_bfloat16_on_request(small_pair):
+    theirs, _ = small_pair
+    half = build(ImageBindArgs.small(**SMALL), state_dict=theirs.state_dict(), dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(half.embed("vision", x.bfloat16()).float(), theirs({"vision": x})["vision"],
+                                   rtol=0, atol=0.05)
+
+
+def test_preprocessing_of_a_known_image_tone_and_text_equals_the_reference():
+    _, data = reference()
+    torch.testing.assert_close(ib.image_tensor(__import__("PIL.Image").Image.open(IMAGE)),
+                               data.load_and_transform_vision_data([str(IMAGE)], "cpu")[0], rtol=0, atol=1e-6)
+    rate = 16_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(5.5 * rate)) / rate)).astype(np.float32)
+    ours = ib.audio_tensor(tone, rate)
+    assert ib.clip_starts(5.5, 2.0, 3) == [0.0, 1.75, 3.5]  # evenly spaced, the last ending at the end
+    want = []
+    for start in (0.0, 1.75, 3.5):
+        clip = torch.from_numpy(tone[int(start * rate):int((start + 2) * rate)])[None].clone()
+        want.append((data.waveform2melspec(clip, rate, 128, 204) - ib.AUDIO_MEAN) / ib.AUDIO_STD)
+    assert ours.shape == (3, 1, 128, 204)
+    torch.testing.assert_close(ours, torch.stack(want), rtol=0, atol=1e-5)
+    texts = ["A dog.", "a photo of a CAT!! ünïcödé &amp; html", ""]
+    torch.testing.assert_close(ib.text_ids(texts), data.load_and_transform_text(texts, "cpu"), rtol=0, atol=0)
+
+
+def test_video_clips_are_cropped_like_the_reference():
+    _, data = reference()
+    frames = np.random.default_rng(0).integers(0, 256, (150, 240, 320, 3), dtype=np.uint8)  # 5 s at 30 fps
+    clips = ib.video_tensor(frames, 30.0)
+    assert clips.shape == (15, 3, 2, 224, 224)
+    scaled = torch.nn.functional.interpolate(torch.from_numpy(frames[[0, 59]]).permute(3, 0, 1, 2).float() / 255,
+                                             size=(224, 298), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor(ib.CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(ib.CLIP_STD).view(3, 1, 1, 1)
+    crops = data.SpatialCrop(224, num_crops=3)([(scaled - mean) / std])  # left, centre, right
+    torch.testing.assert_close(clips[:3], torch.stack(crops), rtol=0, atol=1e-5)
+
+
+def test_missing_corrupt_and_mismatched_checkpoints_get_one_line_errors(tmp_path, monkeypatch, small_pair):
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"imagebind_huge.pth.*none were found.*--encoder-weights PATH"):
+        ib.find_weights(download=False)
+    with pytest.raises(UserError, match=r"nowhere.pth is not a file.*dl.fbaipublicfiles.com"):
+        ib.find_weights(tmp_path / "nowhere.pth")
+    with pytest.raises(UserError, match="the download failed"):  # no server there: the network refuses
+        ib.find_weights(url="http://127.0.0.1:9/imagebind_huge.pth")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(UserError, match="corrupt.pth: not a readable PyTorch checkpoint"):
+        ib.load_checkpoint(corrupt)
+    small = tmp_path / "small.pth"
+    torch.save(small_pair[0].state_dict(), small)
+    with pytest.raises(UserError, match="not an ImageBind checkpoint of this size|does not fit"):
+        ib.load_checkpoint(small)  # the huge layout expected; a small file has other shapes
+    code = tmp_path / "code.pth"
+    torch.save({"model": types.SimpleNamespace(a=1)}, code)  # a pickle of an arbitrary object: never unpickled
+    with pytest.raises(UserError, match="code.pth: not a readable PyTorch checkpoint"):
+        ib.load_checkpoint(code)
+
+
+def test_download_goes_to_the_cache_whole_and_is_checked_on_later_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "served.pth"
+    source.write_bytes(b"stand-in bytes" * 1000)
+    got = ib.find_weights(url=source.as_uri())  # urllib reads file:// as it reads https://
+    assert got == tmp_path / "cache" / ib.FILE and got.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in got.parent.iterdir()) == [ib.FILE, "imagebind_huge.sha256"]  # no partial file
+    assert ib.find_weights(download=False) == got
+    got.write_bytes(b"changed")
+    with pytest.raises(UserError, match="SHA-256 differs"):
+        ib.find_weights(download=False)
+
+
+@pytest.fixture
+def tiny_imagebind(small_pair):
+    """A small random ImageBind behind the encoder interface, registered under a test name."""
+    encoder = ib.ImageBindEncoder(model=small_pair[1])
+    ENCODERS["tiny-random-imagebind"] = lambda: encoder
+    yield encoder
+    del ENCODERS["tiny-random-imagebind"]
+
+
+def test_tiny_random_imagebind_encoder_reads_every_kind_into_one_space(tiny_imagebind):
+    rng = np.random.default_rng(0)
+    items = [tiny_imagebind.load(IMAGE, "image"), tiny_imagebind.load(CLIP, "audio"),
+             tiny_imagebind.load("a spoken number", "text"),
+             tiny_imagebind.load((rng.integers(0, 256, (40, 120, 160, 3), dtype=np.uint8), 20.0), "video"),
+             tiny_imagebind.load(rng.random((200, 300)).astype(np.float32), "depth"),
+             tiny_imagebind.load(IMAGE, "thermal"), tiny_imagebind.load(rng.standard_normal((1500, 6)), "imu"),
+             tiny_imagebind.load(IMAGE, "image")]
+    rows = tiny_imagebind.embed(items)
+    assert rows.shape == (8, SMALL["out_dim"])
+    torch.testing.assert_close(rows[0], rows[7])  # the same image alone in its batch or not
+    with torch.no_grad():
+        alone = tiny_imagebind.embed([items[1]])
+    torch.testing.assert_close(rows[1], alone[0], rtol=0, atol=1e-5)
+    assert encoder_kinds("imagebind") == ("image", "video", "audio", "text", "depth", "thermal", "imu")
+    with pytest.raises(UserError, match="IMU data must be 6 finite channels"):
+        tiny_imagebind.load(np.zeros((5, 100)), "imu")
+    with pytest.raises(UserError, match="ImageBind reads no 'points'"):
+        tiny_imagebind.load("x.npy", "points")
+
+
+def test_tiny_random_adapter_mixes_an_image_and_a_clip_through_one_bind_network(tiny_imagebind):
+    from core.adapter import Adapter, AdapterConfig
+    from core.multimodal import combine, embed_inputs
+    from tests.test_adapter import tiny_random_model
+    model = tiny_random_model()
+    adapter = Adapter.create(model, AdapterConfig(prompt_len=2, layers=2, encoder="tiny-random-imagebind",
+                                                  encoder_dim=SMALL["out_dim"]))
+    with torch.no_grad():
+        adapter.bind.gate.fill_(0.5)
+        mixed = embed_inputs(adapter, [IMAGE, CLIP], ["image", "audio"], [0.7, 0.3])
+        image, clip = tiny_imagebind.embed([tiny_imagebind.load(IMAGE, "image"), tiny_imagebind.load(CLIP, "audio")])
+        torch.testing.assert_close(mixed, adapter.bind(combine([image[None], clip[None]], [0.7, 0.3])))
+        only_image = embed_inputs(adapter, [IMAGE, CLIP], ["image", "audio"], [1.0, 0.0])
+        torch.testing.assert_close(only_image, embed_inputs(adapter, [IMAGE], "image"))
+    plain = Adapter.create(model, AdapterConfig(prompt_len=2, layers=2, encoder="efficientnet-lite0", encoder_dim=1280))
+    with pytest.raises(UserError, match="encoder efficientnet-lite0 reads image, not audio"):
+        embed_inputs(plain, [IMAGE, CLIP], ["image", "audio"], [0.5, 0.5])
+
+
+def test_imagebind_without_weights_says_what_is_missing_from_the_cli(tmp_path):
+    """An adapter trained with --encoder imagebind, asked about an image where no weights exist."""
+    from core.adapter import Adapter, AdapterConfig, save_adapter
+    from core.loading import load_model
+    lm = load_model("smollm2")
+    adapter = Adapter.create(lm.model, AdapterConfig(prompt_len=2, layers=2, encoder="imagebind", encoder_dim=1024))
+    path = tmp_path / "ib.safetensors"
+    save_adapter(adapter, path)
+    env = {"STUDIO_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "core.generate", "--adapter", str(path), "--image", str(IMAGE),
+                          "--encoder-weights", str(tmp_path / "imagebind_huge.pth"), "--prompt", "What is it?"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ImageBind needs its released weights")
+    assert "--encoder-weights PATH" in out.stderr and "dl.fbaipublicfiles.com" in out.stderr
+
+
+def test_openclip_tower_from_a_local_checkpoint(tmp_path):
+    """A small OpenCLIP architecture (a config of our own, registered with open_clip) saved with
+    random weights, then loaded by name and path: openclip:ARCH:PATH, offline."""
+    import open_clip
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / "tiny-random-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "tiny-random-clip.json"))
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-random-clip")
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    encoder = get_encoder(f"openclip:tiny-random-clip:{tmp_path / 'clip.pt'}", "image")
+    assert encoder.dim == 16 and encoder.kinds == ("image", "text")
+    rows = encoder.embed([encoder.load(IMAGE), encoder.load("a red triangle", "text")])
+    with torch.no_grad():
+        want = model.eval().encode_image(preprocess(__import__("PIL.Image").Image.open(IMAGE).convert("RGB"))[None],
+                                         normalize=True)
+    torch.testing.assert_close(rows[0], want[0], rtol=0, atol=1e-5)
+    assert rows.norm(dim=-1).tolist() == pytest.approx([1, 1])
+    with pytest.raises(UserError, match="unknown OpenCLIP architecture 'no-such-arch'"):
+        get_encoder("openclip:no-such-arch:x.pt")
+    with pytest.raises(UserError, match="openclip:tiny-random-clip needs weights"):
+        get_encoder("openclip:tiny-random-clip")
+    with pytest.raises(UserError, match="neither a pretrained tag of tiny-random-clip nor a checkpoint file"):
+        get_encoder("openclip:tiny-random-clip:missing.pt")
+
+
+def test_tiny_random_imagebind_embeds_a_file_of_image_and_audio_records_once_each(tiny_imagebind, tmp_path):
+    from train.data import embed_media, load_records
+    data = tmp_path / "mixed.jsonl"
+    records = [{"image": str(IMAGE), "instruction": "What shape?", "output": "triangle"},
+               {"audio": str(CLIP), "instruction": "What word?", "output": "five"},
+               {"image": str(IMAGE), "instruction": "What colour?", "output": "red"}]
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    assert len(load_records(str(data))) == 3  # kinds of media may share a file
+    examples = [types.SimpleNamespace(media=(k, r[k]), features=None) for r in records for k in ("image", "audio") if k in r]
+    with pytest.raises(UserError, match="these records mix audio and image: name one --encoder"):
+        embed_media(examples)
+    with pytest.raises(UserError, match="encoder efficientnet-lite0 reads image, not audio"):
+        embed_media(examples, "efficientnet-lite0")
+    assert embed_media(examples, "tiny-random-imagebind") == "tiny-random-imagebind"
+    torch.testing.assert_close(examples[0].features, examples[2].features)
+    assert examples[1].features.shape == (SMALL["out_dim"],)
+    assert not torch.allclose(examples[0].features, examples[1].features)
+    text_and_image = tmp_path / "text-and-image.jsonl"
+    text_and_image.write_text(json.dumps(records[0]) + "\n" + json.dumps({"instruction": "Hi", "output": "Hello"}))
+    with pytest.raises(UserError, match="records mix text-only and image records"):
+        load_records(str(text_and_image))
