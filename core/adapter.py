@@ -41,6 +41,10 @@ class AdapterConfig:
     encoder_dim: int = 0          # network maps into the prompts; its width
     bind_blocks: int = 2          # residual RMSNorm + SwiGLU blocks of the bind network (width dim: 1M
                                   # parameters each at SmolLM2's 576, so shipped adapters stay small)
+    bind_hidden: int = 0          # the bind blocks' SwiGLU width (0: dim; ImageBind-LLM: 4 x dim)
+    bind_style: str = "studio"    # or the official ImageBind-LLM release's, see core.multimodal.BindNetwork
+    lora_rank: int = 0            # LoRA pairs (rank r) on the adapted layers' seven linears (ImageBind-LLM)
+    final_norm: bool = False      # the model's last norm trains too (V2 tunes every norm)
 
 
 class AdaptionPrompt(nn.Module):
@@ -71,9 +75,11 @@ class AdaptionPrompt(nn.Module):
 
     @staticmethod
     def _project(attn, x):
+        # through wk/wv with their V2 bias and scale but without LoRA, as ImageBind-LLM projects its prompts
         n, K = x.shape[:2]
-        k = attn.wk(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
-        v = attn.wv(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
+        wk, wv = (w.without_lora if isinstance(w, AdaptedLinear) else w for w in (attn.wk, attn.wv))
+        k = wk(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
+        v = wv(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
@@ -88,28 +94,41 @@ class AdaptionPrompt(nn.Module):
         return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out
 
 
-class BiasScaleLinear(nn.Module):
-    """y = scale * (base(x) + bias): bias 0 and scale 1 at init give the base output exactly."""
+class AdaptedLinear(nn.Module):
+    """y = scale * (base(x) + bias) + lora_b(lora_a(x)), each part optional: bias 0, scale 1 and
+    lora_b 0 at init give the base output exactly."""
 
-    def __init__(self, base: nn.Module, bias: nn.Parameter, scale: nn.Parameter):
+    def __init__(self, base: nn.Module, bias=None, scale=None, lora_a=None, lora_b=None):
         super().__init__()
-        self.base, self.bias, self.scale = base, bias, scale
+        self.base, self.bias, self.scale, self.lora_a, self.lora_b = base, bias, scale, lora_a, lora_b
 
     @property
     def weight(self):
         return self.base.weight
 
+    def without_lora(self, x):
+        y = self.base(x)
+        return (y + self.bias.to(x.dtype)) * self.scale.to(x.dtype) if self.bias is not None else y
+
     def forward(self, x):
-        return (self.base(x) + self.bias.to(x.dtype)) * self.scale.to(x.dtype)
+        y = self.without_lora(x)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return y
 
 
 class AdaptedLayer(nn.Module):
-    def __init__(self, cfg: AdapterConfig, dim: int, n_heads: int, out_features: dict[str, int]):
+    def __init__(self, cfg: AdapterConfig, dim: int, n_heads: int, shapes: dict[str, tuple[int, int]]):
         super().__init__()
         self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads)
         if cfg.bias_scale:
-            self.bias = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o)) for n, o in out_features.items()})
-            self.scale = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.ones(o)) for n, o in out_features.items()})
+            self.bias = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o)) for n, (o, _) in shapes.items()})
+            self.scale = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.ones(o)) for n, (o, _) in shapes.items()})
+        if cfg.lora_rank:  # a: small random, b: zero, so the product starts at zero
+            self.lora_a = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.randn(cfg.lora_rank, i) / i ** 0.5)
+                                            for n, (_, i) in shapes.items()})
+            self.lora_b = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o, cfg.lora_rank))
+                                            for n, (o, _) in shapes.items()})
         if cfg.norm_tuning:
             self.attention_norm = nn.Parameter(torch.ones(dim))
             self.ffn_norm = nn.Parameter(torch.ones(dim))
@@ -121,16 +140,17 @@ class Adapter(nn.Module):
         self.cfg = cfg
         self.n_model_layers = model_args.n_layers
         self.first_layer = model_args.n_layers - min(cfg.layers, model_args.n_layers)
-        hd = model_args.head_dim
-        outs = {"attention.wq": model_args.n_heads * hd, "attention.wk": model_args.n_kv_heads * hd,
-                "attention.wv": model_args.n_kv_heads * hd, "attention.wo": model_args.dim,
-                "feed_forward.w1": model_args.hidden_dim, "feed_forward.w2": model_args.dim,
-                "feed_forward.w3": model_args.hidden_dim}
-        self.layers = nn.ModuleDict({str(i): AdaptedLayer(cfg, model_args.dim, model_args.n_heads, outs)
+        hd, dim, hidden = model_args.head_dim, model_args.dim, model_args.hidden_dim
+        shapes = {"attention.wq": (model_args.n_heads * hd, dim), "attention.wk": (model_args.n_kv_heads * hd, dim),
+                  "attention.wv": (model_args.n_kv_heads * hd, dim), "attention.wo": (dim, model_args.n_heads * hd),
+                  "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden), "feed_forward.w3": (hidden, dim)}
+        self.layers = nn.ModuleDict({str(i): AdaptedLayer(cfg, dim, model_args.n_heads, shapes)
                                      for i in range(self.first_layer, model_args.n_layers)})
+        if cfg.final_norm:
+            self.final_norm = nn.Parameter(torch.ones(dim))
         if cfg.encoder:
             from core.multimodal import BindNetwork
-            self.bind = BindNetwork(cfg.encoder_dim, model_args.dim, cfg.bind_blocks)
+            self.bind = BindNetwork(cfg.encoder_dim, dim, cfg.bind_blocks, cfg.bind_hidden or None, cfg.bind_style)
         self.meta = meta or {}  # what the file says: base model, training summary, ...
         _set_plain(self, "_attached_to", None)
 
@@ -155,17 +175,21 @@ class Adapter(nn.Module):
         for i, layer in self.layers.items():
             block = model.layers[int(i)]
             block.attention.prompt = layer.prompt
-            if self.cfg.bias_scale:
+            if self.cfg.bias_scale or self.cfg.lora_rank:
                 for name in V2_LINEARS:
                     parent, attr = _parent(block, name)
                     key = name.replace(".", "_")
-                    setattr(parent, attr, BiasScaleLinear(getattr(parent, attr), layer.bias[key], layer.scale[key]))
+                    parts = {}
+                    if self.cfg.bias_scale:
+                        parts.update(bias=layer.bias[key], scale=layer.scale[key])
+                    if self.cfg.lora_rank:
+                        parts.update(lora_a=layer.lora_a[key], lora_b=layer.lora_b[key])
+                    setattr(parent, attr, AdaptedLinear(getattr(parent, attr), **parts))
             if self.cfg.norm_tuning:
                 for norm in ("attention_norm", "ffn_norm"):
-                    tuned = RMSNorm(model.args.dim, getattr(block, norm).eps)
-                    tuned.weight = getattr(layer, norm)
-                    tuned.base = getattr(block, norm)  # restored by detach
-                    setattr(block, norm, tuned)
+                    setattr(block, norm, _tuned_norm(getattr(block, norm), getattr(layer, norm)))
+        if self.cfg.final_norm:
+            model.norm = _tuned_norm(model.norm, self.final_norm)
         _set_plain(model, "adapter", self)
         _set_plain(self, "_attached_to", model)
         return self
@@ -177,15 +201,25 @@ class Adapter(nn.Module):
         for i in self.layers:
             block = model.layers[int(i)]
             block.attention.prompt = None
-            if self.cfg.bias_scale:
+            if self.cfg.bias_scale or self.cfg.lora_rank:
                 for name in V2_LINEARS:
                     parent, attr = _parent(block, name)
                     setattr(parent, attr, getattr(parent, attr).base)
             if self.cfg.norm_tuning:
                 for norm in ("attention_norm", "ffn_norm"):
                     setattr(block, norm, getattr(block, norm).base)
+        if self.cfg.final_norm:
+            model.norm = model.norm.base
         _set_plain(model, "adapter", None)
         _set_plain(self, "_attached_to", None)
+
+
+def _tuned_norm(base: RMSNorm, weight: nn.Parameter) -> RMSNorm:
+    """An RMSNorm with the adapter's weight in place of `base`'s (kept as .base for detach)."""
+    tuned = RMSNorm(weight.shape[0], base.eps)
+    tuned.weight = weight
+    tuned.base = base
+    return tuned
 
 
 def _set_plain(module: nn.Module, name: str, value):
@@ -204,7 +238,7 @@ def base_fingerprint(model: Transformer) -> list[float]:
     but tell apart different checkpoints of one architecture (e.g. a base and its instruct)."""
     with torch.no_grad():
         emb = model.tok_embeddings.weight
-        stats = [emb[: min(256, emb.shape[0])].float().abs().mean(), model.norm.weight.float().mean()]
+        stats = [emb[: min(256, emb.shape[0])].float().abs().mean(), getattr(model.norm, "base", model.norm).weight.float().mean()]
         for block in (model.layers[0], model.layers[-1]):
             stats.append(block.attention_norm.weight.float().mean() if not hasattr(block.attention_norm, "base")
                          else block.attention_norm.base.weight.float().mean())
@@ -285,8 +319,8 @@ def load_adapter(path: str | os.PathLike, model: Transformer, attach: bool = Tru
         raise UserError(f"adapter file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(8)
-    if head[:4] == b"PK\x03\x04":  # a torch zip checkpoint: the official V1 release format
-        adapter = _load_official_v1(path, model)
+    if head[:4] == b"PK\x03\x04":  # a torch zip checkpoint: an official release (V1, ImageBind-LLM)
+        adapter = _load_official(path, model)
     elif head[:1] == b"\x80":
         raise UserError(f"{path.name} is a raw Python pickle, which is never loaded; accepted: "
                         "a .safetensors adapter, or the official V1 .pth (weights only)")
@@ -337,14 +371,21 @@ def _load_tensors(adapter: Adapter, tensors: dict, name: str):
     adapter.load_state_dict(tensors)
 
 
-def _load_official_v1(path: Path, model: Transformer) -> Adapter:
+def _load_official(path: Path, model: Transformer) -> Adapter:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path.name} could not be read as a weights-only torch checkpoint ({_first_line(e)})") from None
     sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    if isinstance(sd, dict) and "prefix_query.weight" in sd:
+        return _load_official_imagebind_llm(path, model, sd)
     if not isinstance(sd, dict) or "adapter_query.weight" not in sd:
-        raise UserError(f"{path.name} is not an official LLaMA-Adapter V1 file (no adapter_query.weight)")
+        raise UserError(f"{path.name} is not an official LLaMA-Adapter file (no adapter_query.weight of V1, "
+                        "no prefix_query.weight of ImageBind-LLM)")
+    return _load_official_v1(path, model, sd)
+
+
+def _load_official_v1(path: Path, model: Transformer, sd: dict) -> Adapter:
     gates = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith("attention.gate"))
     query = sd["adapter_query.weight"]
     a = model.args
@@ -365,6 +406,68 @@ def _load_official_v1(path: Path, model: Transformer) -> Adapter:
         tensors[f"layers.{i}.prompt.prompt"] = prompts[j]
         tensors[f"layers.{i}.prompt.gate"] = gate.float().flatten()  # trained under tanh: used as is
     _load_tensors(adapter, tensors, path.name)
+    return adapter
+
+
+def _load_official_imagebind_llm(path: Path, model: Transformer, sd: dict) -> Adapter:
+    """The released ImageBind-LLM adapter: one prompt token per layer for the top layers
+    (prefix_query), per-head tanh gates, the bind network (image_bind_proj, image_bind_norm_i,
+    SwiGLU image_bind_f{1,2,3}_i), and its V2 parts on the LM: biases, norms, LoRA pairs."""
+    a, name = model.args, path.name
+    query = sd["prefix_query.weight"]
+    n = query.shape[0]
+    if query.ndim != 2 or query.shape[1] != a.dim or not 1 <= n <= a.n_layers:
+        raise UserError(f"{name}: prefix_query.weight has shape {tuple(query.shape)}, expected (layers <= "
+                        f"{a.n_layers}, {a.dim}) for this model")
+    first = a.n_layers - n
+    proj = "image_bind_proj.weight" if "image_bind_proj.weight" in sd else "image_bind_proj.0.weight"
+    if proj not in sd or "image_bind_f1_1.weight" not in sd:
+        raise UserError(f"{name}: no image_bind_proj / image_bind_f1_1 weights: not an ImageBind-LLM adapter")
+    blocks = sum(1 for k in sd if k.startswith("image_bind_norm_") and k.endswith(".weight"))
+    layer_key = f"llama.layers.{first}."
+    cfg = AdapterConfig(
+        prompt_len=1, layers=n, encoder="imagebind", encoder_dim=sd[proj].shape[1], bind_blocks=blocks,
+        bind_hidden=sd["image_bind_f1_1.weight"].shape[0],
+        bind_style="imagebind-llm-legacy" if "image_bind_norm_1.bias" in sd else "imagebind-llm",
+        bias_scale=any(f"{layer_key}{lin}.bias" in sd for lin in V2_LINEARS),
+        norm_tuning=f"{layer_key}attention_norm.weight" in sd,
+        lora_rank=sd[f"{layer_key}attention.lora_wq_l1.weight"].shape[0] if f"{layer_key}attention.lora_wq_l1.weight" in sd else 0,
+        final_norm="llama.norm.weight" in sd)
+    adapter = Adapter(cfg, a, {"source": "official ImageBind-LLM release", "file": name})
+    tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}  # V2 parts absent: identity
+    used = set()
+
+    def take(ours: str, theirs: str):
+        if theirs in sd and ours in tensors:
+            value = sd[theirs].float()
+            # the release's gates are (1, heads, 1, 1): the same numbers in our shape; a wrong size
+            # stays as it is and _load_tensors refuses it naming both shapes
+            tensors[ours] = value.reshape(tensors[ours].shape) if value.numel() == tensors[ours].numel() else value
+            used.add(theirs)
+
+    for j, i in enumerate(range(first, a.n_layers)):
+        tensors[f"layers.{i}.prompt.prompt"] = query[j].float()[None]
+        used.add("prefix_query.weight")
+        take(f"layers.{i}.prompt.gate", f"llama.layers.{i}.attention.gate")
+        for lin in V2_LINEARS:
+            key, (module, short) = lin.replace(".", "_"), lin.split(".")
+            take(f"layers.{i}.bias.{key}", f"llama.layers.{i}.{lin}.bias")
+            take(f"layers.{i}.lora_a.{key}", f"llama.layers.{i}.{module}.lora_{short}_l1.weight")
+            take(f"layers.{i}.lora_b.{key}", f"llama.layers.{i}.{module}.lora_{short}_l2.weight")
+        for norm in ("attention_norm", "ffn_norm"):
+            take(f"layers.{i}.{norm}", f"llama.layers.{i}.{norm}.weight")
+    take("final_norm", "llama.norm.weight")
+    for part in ("weight", "bias"):
+        take(f"bind.proj.{part}", proj.replace("weight", part))
+        for b in range(blocks):
+            take(f"bind.blocks.{b}.norm.{part}", f"image_bind_norm_{b + 1}.{part}")
+            for f, w in (("f1", "w1"), ("f2", "w2"), ("f3", "w3")):
+                take(f"bind.blocks.{b}.feed_forward.{w}.{part}", f"image_bind_{f}_{b + 1}.{part}")
+    left = sorted(set(sd) - used)
+    if left:
+        raise UserError(f"{name}: {len(left)} tensors this loader does not place (e.g. {left[:3]}); "
+                        "accepted: the ImageBind-LLM adapter layout")
+    _load_tensors(adapter, tensors, name)
     return adapter
 
 

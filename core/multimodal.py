@@ -17,47 +17,65 @@ from core.errors import UserError
 from core.model import FeedForward, RMSNorm, Transformer
 
 
+STYLES = ("studio", "imagebind-llm", "imagebind-llm-legacy")
+
+
 class BindBlock(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, style: str = "studio"):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        # the release's RMSNorm is Meta's (eps 1e-6); its legacy bridge used LayerNorm and biased linears
+        self.norm = {"studio": lambda: RMSNorm(dim), "imagebind-llm": lambda: RMSNorm(dim, eps=1e-6),
+                     "imagebind-llm-legacy": lambda: nn.LayerNorm(dim)}[style]()
         self.feed_forward = FeedForward(dim, hidden_dim)
+        if style == "imagebind-llm-legacy":
+            ff = self.feed_forward
+            ff.w1, ff.w2, ff.w3 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim)
 
     def forward(self, x):
         return x + self.feed_forward(self.norm(x))
 
 
 class BindNetwork(nn.Module):
-    def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None):
+    """style "studio": unit-length input, and a zero-initialized per-channel gate on the output.
+    "imagebind-llm" / "imagebind-llm-legacy": the official release's layout, to load its file: the
+    encoder's output as it is, no gate (its zero-initialized layer gates start it at the base model)."""
+
+    def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None, style: str = "studio"):
         super().__init__()
-        self.in_dim, self.dim = in_dim, dim
+        if style not in STYLES:
+            raise UserError(f"unknown bind network style {style!r}; accepted: {', '.join(STYLES)}")
+        self.in_dim, self.dim, self.style = in_dim, dim, style
         self.proj = nn.Linear(in_dim, dim)
-        self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or dim) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or dim, style) for _ in range(n_blocks))
         # zero: the untrained path adds nothing. One gate per channel, not one for all: a single
         # scalar's gradient sums many random-signed terms while the bind network is still random,
         # and stayed near zero for hundreds of steps (0.001 after 300 steps at lr 5e-3, measured)
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gate = nn.Parameter(torch.zeros(dim)) if style == "studio" else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, in_dim) encoder embeddings -> (B, dim) additions to the adaption prompts."""
         if features.ndim != 2 or features.shape[1] != self.in_dim:
             raise UserError(f"bind network expects embeddings of shape (batch, {self.in_dim}), "
                             f"got {tuple(features.shape)}")
-        # unit length, as ImageBind's embeddings are: the projection sees one scale for any encoder
-        x = self.proj(F.normalize(features.float(), dim=-1).to(self.proj.weight.dtype))
+        # unit length, as ImageBind's vision embeddings are: the projection sees one scale for any encoder
+        features = F.normalize(features.float(), dim=-1) if self.style == "studio" else features
+        x = self.proj(features.to(self.proj.weight.dtype))
         for block in self.blocks:
             x = block(x)
-        return torch.tanh(self.gate) * x
+        return torch.tanh(self.gate) * x if self.gate is not None else x
 
 
-def combine(features: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+def combine(features: list[torch.Tensor], weights: list[float] | None = None, unit: bool = True) -> torch.Tensor:
     """Several inputs (two images, image + audio...) as one: the weighted average of the
-    unit-normalized embeddings, normalized again (ImageBind-LLM's mixing). Each is (B, D)."""
+    unit-normalized embeddings, normalized again. Each is (B, D). unit=False: the average of the
+    embeddings as they are, weights scaled to sum to 1 (the official ImageBind-LLM release's mixing)."""
     if not features:
         raise UserError("no inputs to combine")
     weights = weights or [1.0] * len(features)
     if len(weights) != len(features) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(f"weights must be {len(features)} non-negative numbers with a positive sum, got {weights}")
+    if not unit:
+        return sum(w / sum(weights) * f.float() for w, f in zip(weights, features))
     mixed = sum(w * F.normalize(f.float(), dim=-1) for w, f in zip(weights, features))
     return F.normalize(mixed, dim=-1)
 
@@ -93,6 +111,6 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
     encoders = [get_encoder(name, k) for k in dict.fromkeys(kinds)]  # refuses a kind it cannot read
     features = encoders[0].embed([encoders[0].load(s, k) for s, k in zip(sources, kinds)])
     if weights is not None:
-        features = combine(list(features.split(1)), weights)
+        features = combine(list(features.split(1)), weights, unit=adapter.bind.style == "studio")
     p = next(adapter.bind.parameters())
     return adapter.bind(features.to(p.device, p.dtype))

@@ -309,3 +309,105 @@ def test_tiny_random_imagebind_embeds_a_file_of_image_and_audio_records_once_eac
     text_and_image.write_text(json.dumps(records[0]) + "\n" + json.dumps({"instruction": "Hi", "output": "Hello"}))
     with pytest.raises(UserError, match="records mix text-only and image records"):
         load_records(str(text_and_image))
+
+
+def official_imagebind_llm_state(model, top: int, rank: int, legacy: bool, feature_dim: int = 24, seed: int = 0) -> dict:
+    """A random state dict with the released ImageBind-LLM adapter's layout, at a tiny model's size."""
+    a = model.args
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    hd, hidden, dim = a.head_dim, a.hidden_dim, a.dim
+    outs = {"attention.wq": (a.n_heads * hd, dim), "attention.wk": (a.n_kv_heads * hd, dim),
+            "attention.wv": (a.n_kv_heads * hd, dim), "attention.wo": (dim, a.n_heads * hd),
+            "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden), "feed_forward.w3": (hidden, dim)}
+    sd = {"prefix_query.weight": rand(top, dim), "image_bind_proj.weight": rand(dim, feature_dim),
+          "image_bind_proj.bias": rand(dim), "llama.norm.weight": 1 + rand(dim)}
+    for b in (1, 2, 3):
+        sd[f"image_bind_norm_{b}.weight"] = 1 + rand(dim)
+        for f, shape in (("f1", (4 * dim, dim)), ("f2", (dim, 4 * dim)), ("f3", (4 * dim, dim))):
+            sd[f"image_bind_{f}_{b}.weight"] = rand(*shape)
+            if legacy:
+                sd[f"image_bind_{f}_{b}.bias"] = rand(shape[0])
+        if legacy:
+            sd[f"image_bind_norm_{b}.bias"] = rand(dim)
+    for i in range(a.n_layers - top, a.n_layers):
+        sd[f"llama.layers.{i}.attention.gate"] = rand(1, a.n_heads, 1, 1) * 10
+        sd[f"llama.layers.{i}.attention_norm.weight"] = 1 + rand(dim)
+        sd[f"llama.layers.{i}.ffn_norm.weight"] = 1 + rand(dim)
+        for lin, (out, inp) in outs.items():
+            module, short = lin.split(".")
+            if short not in ("wk", "wv"):  # the release's V2 biases: wq, wo, w1, w2, w3
+                sd[f"llama.layers.{i}.{lin}.bias"] = rand(out)
+            sd[f"llama.layers.{i}.{module}.lora_{short}_l1.weight"] = rand(rank, inp)
+            sd[f"llama.layers.{i}.{module}.lora_{short}_l2.weight"] = rand(out, rank)
+    return sd
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["rmsnorm-bridge", "legacy-layernorm-bridge"])
+def test_tiny_random_official_imagebind_llm_file_loads_into_our_adapter(tmp_path, legacy):
+    from core.adapter import load_adapter
+    from tests.test_adapter import tiny_random_model, x_tokens
+    model = tiny_random_model()
+    sd = official_imagebind_llm_state(model, top=model.args.n_layers, rank=4, legacy=legacy)
+    path = tmp_path / "imagebind-llm.pth"
+    torch.save({"model": sd, "config": {}}, path)  # the release: a torch pickle whose "model" is the state dict
+    with torch.no_grad():
+        base = model(x_tokens())
+        adapter = load_adapter(path, model)
+    cfg = adapter.cfg
+    assert (cfg.prompt_len, cfg.layers, cfg.lora_rank, cfg.encoder, cfg.encoder_dim, cfg.bind_blocks) == (1, 4, 4, "imagebind", 24, 3)
+    assert cfg.bias_scale and cfg.norm_tuning and cfg.final_norm
+    assert cfg.bind_style == ("imagebind-llm-legacy" if legacy else "imagebind-llm")
+    block, layer = model.layers[2], adapter.layers["2"]
+    torch.testing.assert_close(layer.prompt.prompt[0], sd["prefix_query.weight"][2])
+    torch.testing.assert_close(layer.prompt.gate, sd["llama.layers.2.attention.gate"].flatten())
+    torch.testing.assert_close(block.attention_norm.weight, sd["llama.layers.2.attention_norm.weight"])
+    torch.testing.assert_close(model.norm.weight, sd["llama.norm.weight"])
+    x = torch.randn(3, model.args.dim)
+    with torch.no_grad():
+        # a linear with the release's bias and LoRA: W x + b + l2(l1(x))
+        wq = block.attention.wq.base.weight
+        want = x @ wq.T + sd["llama.layers.2.attention.wq.bias"] + \
+            (x @ sd["llama.layers.2.attention.lora_wq_l1.weight"].T) @ sd["llama.layers.2.attention.lora_wq_l2.weight"].T
+        torch.testing.assert_close(block.attention.wq(x), want)
+        # its prompts' values go through wv without LoRA (wv has no bias in the release)
+        _, v = layer.prompt._project(block.attention, layer.prompt.prompt[None])
+        torch.testing.assert_close(v.transpose(1, 2).flatten(2)[0], layer.prompt.prompt @ block.attention.wv.base.weight.T)
+        # the bind network: proj, then x + f2(silu(f1(n(x))) * f3(n(x))) three times, no gate
+        feats = torch.randn(2, 24) * 20  # ImageBind audio comes x20: taken as it is
+        h = feats @ sd["image_bind_proj.weight"].T + sd["image_bind_proj.bias"]
+        for b in (1, 2, 3):
+            if legacy:
+                n = torch.nn.functional.layer_norm(h, (h.shape[-1],), sd[f"image_bind_norm_{b}.weight"],
+                                                   sd[f"image_bind_norm_{b}.bias"])
+            else:
+                n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[f"image_bind_norm_{b}.weight"]
+            f = {k: (lambda t, k=k: t @ sd[f"image_bind_{k}_{b}.weight"].T +
+                     (sd[f"image_bind_{k}_{b}.bias"] if legacy else 0)) for k in ("f1", "f2", "f3")}
+            h = h + f["f2"](torch.nn.functional.silu(f["f1"](n)) * f["f3"](n))
+        torch.testing.assert_close(adapter.bind(feats), h, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(x_tokens()), base, atol=1e-3)  # the LM is now the tuned one
+        adapter.detach()
+        torch.testing.assert_close(model(x_tokens()), base)  # and detaching gives the base back exactly
+
+
+def test_official_imagebind_llm_files_of_another_layout_are_refused(tmp_path):
+    from core.adapter import load_adapter
+    from tests.test_adapter import tiny_random_model
+    model = tiny_random_model()
+    sd = official_imagebind_llm_state(model, top=2, rank=4, legacy=False)
+    extra = dict(sd, **{"llama.layers.3.attention.new_gate": torch.ones(1, 1, 1, 1)})
+    torch.save({"model": extra}, tmp_path / "extra.pth")
+    with pytest.raises(UserError, match=r"extra.pth: 1 tensors this loader does not place .*new_gate"):
+        load_adapter(tmp_path / "extra.pth", model)
+    wide = dict(sd, **{"prefix_query.weight": torch.zeros(2, 128)})
+    torch.save({"model": wide}, tmp_path / "wide.pth")
+    with pytest.raises(UserError, match=r"wide.pth: prefix_query.weight has shape \(2, 128\), expected"):
+        load_adapter(tmp_path / "wide.pth", model)
+    top2 = load_adapter(_saved(tmp_path / "top2.pth", sd), model, attach=False)  # the top 2 of 4 layers only
+    assert sorted(top2.layers) == ["2", "3"]
+
+
+def _saved(path, sd):
+    torch.save({"model": sd}, path)
+    return path
