@@ -411,3 +411,82 @@ def test_official_imagebind_llm_files_of_another_layout_are_refused(tmp_path):
 def _saved(path, sd):
     torch.save({"model": sd}, path)
     return path
+
+
+def test_point_bind_sampling_and_grouping_equal_brute_force():
+    from core.encoders.pointbind import farthest_points, group
+    xyz = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(0))
+    got = farthest_points(xyz, 20)
+    for b in range(2):  # the textbook loop, in numpy
+        pts = xyz[b].numpy()
+        chosen, nearest = [0], np.full(300, np.inf)
+        for _ in range(19):
+            nearest = np.minimum(nearest, ((pts - pts[chosen[-1]]) ** 2).sum(1))
+            chosen.append(int(nearest.argmax()))
+        assert got[b].tolist() == chosen
+    groups, centres = group(xyz, 20, 8)
+    assert groups.shape == (2, 20, 8, 3) and torch.equal(centres[0], xyz[0, got[0]])
+    order = np.argsort(((xyz[0].numpy()[None] - centres[0].numpy()[:, None]) ** 2).sum(-1), axis=1)[:, :8]
+    torch.testing.assert_close(groups[0] + centres[0][:, None], xyz[0][torch.from_numpy(order)])
+
+
+def test_point_bind_branch_has_the_released_layout():
+    """The published PointBERT configuration (384 wide, 12 blocks, 6 heads, 512 groups of 32 of
+    8192 points, 256-d group features) and Point-Bind's projection and head."""
+    from core.encoders.pointbind import PointBind, PointBindArgs
+    state = PointBind(PointBindArgs()).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert len(shapes) == 164 and sum(v.numel() for v in state.values()) == 22_778_626
+    assert shapes["pc_projection"] == (768, 512)
+    assert shapes["modality_head_point.0.weight"] == (512,) and shapes["modality_head_point.2.weight"] == (1024, 512)
+    assert shapes["point_encoder.encoder.first_conv.3.weight"] == (256, 128, 1)
+    assert shapes["point_encoder.encoder.second_conv.3.weight"] == (256, 512, 1)
+    assert shapes["point_encoder.reduce_dim.weight"] == (384, 256)
+    assert shapes["point_encoder.pos_embed.2.weight"] == (384, 128)
+    assert shapes["point_encoder.blocks.blocks.11.attn.qkv.weight"] == (1152, 384)
+    assert "point_encoder.blocks.blocks.11.attn.qkv.bias" not in shapes and "point_encoder.blocks.blocks.12.norm1.weight" not in shapes
+
+
+def test_tiny_random_point_bind_file_gives_imagebind_and_points_in_one_space(tmp_path, small_pair):
+    from core.adapter import Adapter, AdapterConfig
+    from core.encoders.pointbind import PointBind, PointBindArgs, PointBindEncoder, build_point_branch, split_checkpoint
+    from core.multimodal import embed_inputs
+    from tests.test_adapter import tiny_random_model
+    torch.manual_seed(0)
+    branch = PointBind(PointBindArgs.small(out_dim=SMALL["out_dim"]))
+    torch.nn.init.normal_(branch.pc_projection, std=0.2)
+    state = {**{f"bind.{k}": v for k, v in small_pair[0].state_dict().items()},
+             **{("bind." + k if k.startswith("modality_head_point") else k): v for k, v in branch.state_dict().items()},
+             "logit_scale": torch.tensor(2.6), "bind.modality_postprocessor_point.1.log_logit_scale": torch.tensor(0.0)}
+    torch.save(state, tmp_path / "pointbind.pt")
+    image_bind, points = split_checkpoint(ib.read_state_dict(tmp_path / "pointbind.pt"))
+    encoder = PointBindEncoder(model=build(ImageBindArgs.small(**SMALL), state_dict=image_bind),
+                               points=build_point_branch(points, PointBindArgs.small(out_dim=SMALL["out_dim"])))
+    cloud = ROOT / "assets" / "examples" / "points" / sorted(p.name for p in (ROOT / "assets" / "examples" / "points").iterdir())[0]
+    rows = encoder.embed([encoder.load(IMAGE, "image"), encoder.load(cloud, "points"), encoder.load(cloud, "points")])
+    assert rows.shape == (3, SMALL["out_dim"]) and rows.norm(dim=-1).tolist() == pytest.approx([1, 1, 1])
+    torch.testing.assert_close(rows[1], rows[2])  # the same cloud, the same sample of it
+    with torch.no_grad():
+        torch.testing.assert_close(rows[0], small_pair[0]({"vision": ib.image_tensor(
+            __import__("PIL.Image").Image.open(IMAGE))[None]})["vision"][0], rtol=0, atol=1e-5)
+    ENCODERS["tiny-random-pointbind"] = lambda: encoder
+    try:
+        model = tiny_random_model()
+        adapter = Adapter.create(model, AdapterConfig(prompt_len=2, layers=2, encoder="tiny-random-pointbind",
+                                                      encoder_dim=SMALL["out_dim"]))
+        with torch.no_grad():
+            assert embed_inputs(adapter, [IMAGE, cloud], ["image", "points"], [0.5, 0.5]).shape == (1, model.args.dim)
+    finally:
+        del ENCODERS["tiny-random-pointbind"]
+    assert encoder_kinds("pointbind")[-1] == "points"
+    with pytest.raises(UserError, match="unexpected tensor surprise"):
+        split_checkpoint({**state, "surprise": torch.zeros(1)})
+    with pytest.raises(UserError, match="not a Point-Bind \\(PointBERT\\) checkpoint of this size"):
+        build_point_branch(points)  # the full-size layout expected
+
+
+def test_point_bind_without_weights_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"Point-Bind needs its released weights \(pointbind_pointbert.pt\) and none "
+                                        r"were found: pass --encoder-weights PATH"):
+        get_encoder("pointbind", "points")

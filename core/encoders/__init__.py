@@ -115,4 +115,4 @@ def _build(name: str) -> Encoder:
 
 
 def _import_builtin():
-    from core.encoders import audio, image, imagebind, openclip, points  # noqa: F401  (they register their encoders)
+    from core.encoders import audio, image, imagebind, openclip, pointbind, points  # noqa: F401  (they register their encoders)

@@ -145,32 +145,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "llama-adapter-studio"))
 
 
-def missing_weights(reason: str) -> UserError:
-    return UserError(f"ImageBind needs its released weights ({FILE}, 4.5 GB) and {reason}: download {URL} "
-                     f"and pass --encoder-weights PATH (or put it at {cache_dir() / FILE}); "
-                     "the embedded encoders (efficientnet-lite0, whisper-tiny, pointnet) need nothing")
+def missing_weights(reason: str, file: str = FILE, url: str | None = URL, what: str = "ImageBind") -> UserError:
+    where = f"download {url} and pass" if url else "pass"
+    size = " (4.5 GB)" if file == FILE else ""
+    return UserError(f"{what} needs its released weights ({file}{size}) and {reason}: {where} --encoder-weights PATH "
+                     f"(or put it at {cache_dir() / file}); the embedded encoders (efficientnet-lite0, "
+                     "whisper-tiny, pointnet) need nothing")
 
 
-def find_weights(path: str | os.PathLike | None = None, url: str = URL, download: bool = True) -> Path:
+def find_weights(path: str | os.PathLike | None = None, url: str | None = URL, download: bool = True,
+                 file: str = FILE, what: str = "ImageBind") -> Path:
     """The checkpoint: `path` if given, else the cached copy, else downloaded into the cache (with
     a progress bar, into a temporary file renamed when complete; its SHA-256 kept beside it and
     checked on later loads)."""
     if path:
         if not Path(path).is_file():
-            raise missing_weights(f"{path} is not a file")
+            raise missing_weights(f"{path} is not a file", file, url, what)
         return Path(path)
-    cached = cache_dir() / FILE
+    cached = cache_dir() / file
     if cached.is_file():
         _check_digest(cached)
         return cached
-    if not download:
-        raise missing_weights("none were found")
+    if not download or not url:
+        raise missing_weights("none were found", file, url, what)
     from torch.hub import download_url_to_file
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
         download_url_to_file(url, str(cached), progress=True)  # writes a temporary file, then moves it
     except (urllib.error.URLError, OSError) as e:
-        raise missing_weights(f"the download failed ({str(e)[:100]})") from None
+        raise missing_weights(f"the download failed ({str(e)[:100]})", file, url, what) from None
     cached.with_suffix(".sha256").write_text(_digest(cached) + "\n")
     return cached
 
@@ -189,9 +192,8 @@ def _check_digest(path: Path):
         raise UserError(f"{path}: its SHA-256 differs from the one recorded at download; delete it to download again")
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype | None = None):
-    """The ImageBind model from a released-format checkpoint (a plain state dict)."""
-    from core.encoders.imagebind_model import build
+def read_state_dict(path: Path) -> dict:
+    """A released checkpoint's tensors (weights only: nothing in it is ever executed)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt, truncated, or not a weights-only pickle
@@ -200,7 +202,13 @@ def load_checkpoint(path: Path, dtype: torch.dtype | None = None):
         state = state["model"]
     if not isinstance(state, dict):
         raise UserError(f"{Path(path).name}: holds a {type(state).__name__}, not a state dict")
-    return build(state_dict=state, dtype=dtype)
+    return state
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype | None = None):
+    """The ImageBind model from a released-format checkpoint (a plain state dict)."""
+    from core.encoders.imagebind_model import build
+    return build(state_dict=read_state_dict(path), dtype=dtype)
 
 
 @register("imagebind")
@@ -238,10 +246,13 @@ class ImageBindEncoder(Encoder):
             return kind, single_channel_tensor(_array_or_image(source))
         return "imu", imu_tensor(np.load(source) if isinstance(source, (str, Path)) else source)
 
+    def encode(self, modality: str, batch: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model.embed(modality, batch if modality == "text" else batch.to(dtype))
+
     @torch.no_grad()
     def embed(self, inputs: list) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        return embed_by_group(inputs, lambda m, batch: self.model.embed(m, batch if m == "text" else batch.to(dtype)))
+        return embed_by_group(inputs, self.encode)
 
 
 def _array_or_image(source):
