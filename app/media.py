@@ -115,6 +115,53 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
     return adapter
 
 
+def mix_tab(studio: Studio, stream_reply, user_turn, max_new):
+    """Inputs of different kinds at once, each with its weight, mixed into one embedding
+    (ImageBind-LLM's weighted mix) for adapters whose encoder reads them all into one space."""
+    from core.encoders.points import FORMATS
+    with gr.Tab("Mix", id="mix"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("Any of an image, a clip and a point cloud, each with its weight, through an adapter "
+                            "trained with `--encoder imagebind` or `--encoder pointbind` (README: ImageBind).")
+                image = gr.Image(type="filepath", label="Image", elem_id="mix-image", height=160)
+                image_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Image weight", elem_id="mix-image-weight")
+                audio = gr.Audio(type="filepath", label="Audio", elem_id="mix-audio")
+                audio_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Audio weight", elem_id="mix-audio-weight")
+                points = gr.File(label="Point cloud", file_types=list(FORMATS), elem_id="mix-points")
+                points_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Point-cloud weight",
+                                          elem_id="mix-points-weight")
+            with gr.Column(scale=2):
+                choices = studio.media_adapters("mix")
+                adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id="mix-adapter",
+                                      label="Adapter (its encoder reads several kinds into one space)")
+                chatbot = gr.Chatbot(elem_id="mix-chat", height=380, label="Ask about them together")
+                with gr.Row():
+                    message = gr.Textbox(placeholder="e.g. What is going on here?", show_label=False, scale=6,
+                                         elem_id="mix-message")
+                    send = gr.Button("Ask", variant="primary", scale=1, elem_id="mix-send")
+                    clear = gr.Button("Clear", scale=1)
+
+        def answer(history, image_path, image_w, audio_path, audio_w, points_file, points_w, name, max_new_tokens,
+                   request: gr.Request):
+            if not name:
+                raise gr.Error("No adapter here mixes kinds of input: train one with --encoder imagebind "
+                               "(or pointbind) on image, audio or point-cloud records.", print_exception=False)
+            given = [(k, f, w) for k, f, w in (("image", image_path, image_w), ("audio", audio_path, audio_w),
+                                               ("points", points_file, points_w)) if f]
+            if not given:
+                raise gr.Error("Give at least one input: an image, a clip or a point cloud.", print_exception=False)
+            media = ([k for k, _, _ in given], [f for _, f, _ in given], [w for _, _, w in given])
+            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
+
+        inputs = [chatbot, image, image_weight, audio, audio_weight, points, points_weight, adapter, max_new]
+        for trigger in (message.submit, send.click):
+            trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
+                answer, inputs, chatbot, concurrency_limit=4, concurrency_id="chat")
+        clear.click(lambda: [], None, chatbot, queue=False)
+    return adapter
+
+
 def read_for_view(kind: str, path, with_view: bool):
     """(3D figure,) and the side panel for an input; raises UserError for unusable input."""
     from core.encoders import DEFAULT_ENCODERS, get_encoder

@@ -93,7 +93,8 @@ class Studio:
                     ) -> tuple[Reply, str | None]:
         """Submit the conversation (ending with the user's message) on the live adapter, or on
         `adapter` (a registry name) about `media` for the media tabs: (kind, file or array), or
-        (kind, [files], [weights]) for several inputs mixed into one."""
+        (kind, [files], [weights]) for several inputs mixed into one, or ([kinds], [files],
+        [weights]) for inputs of several kinds (an encoder that reads them all: imagebind)."""
         messages = [{"role": m["role"], "content": message_text(m)} for m in history if m["role"] in ("user", "assistant")]
         if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise UserError("empty message: type something to send")
@@ -117,14 +118,16 @@ class Studio:
         return self.engine.submit(ids, params, owner, adapter, condition), notice
 
     def media_adapters(self, kind: str) -> list[str]:
-        """Registry adapters trained on `kind` inputs (their encoder reads that kind)."""
-        from core.encoders import encoder_kinds
+        """Registry adapters trained on `kind` inputs (their encoder reads that kind); for "mix",
+        those whose encoder reads several of the app's kinds into one space (ImageBind)."""
+        from core.encoders import KINDS, encoder_kinds
         names = []
         for e in self.registry.entries():
             encoder = e.meta.get("config", {}).get("encoder")
             if e.problem is None and encoder:
                 try:
-                    if kind in encoder_kinds(encoder):
+                    reads = encoder_kinds(encoder)
+                    if kind in reads or (kind == "mix" and len(set(reads) & set(KINDS)) > 1):
                         names.append(e.name)
                 except UserError:  # an encoder this version does not know
                     pass

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from app.media import TABS, media_tab
+from app.media import TABS, media_tab, mix_tab
 from app.studio import NONE, Studio, footer, message_text
 from core.errors import UserError
 from core.model import count_parameters
@@ -59,6 +59,7 @@ def build(studio: Studio) -> gr.Blocks:
                 top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
 
         media_adapters = [media_tab(studio, kind, stream_reply, user_turn, max_new) for kind in TABS]
+        media_adapters.append(mix_tab(studio, stream_reply, user_turn, max_new))
 
         with gr.Tab("Train", id="train"):
             with gr.Row():
@@ -162,7 +163,7 @@ def build(studio: Studio) -> gr.Blocks:
             """Everything that shows the registry or the live adapter, in the order of list_outputs."""
             return (studio.live_line(), adapter_rows(studio), gr.update(choices=studio.registry.names()),
                     gr.update(choices=studio.adapter_choices(), value=studio.live_name or NONE),
-                    *(gr.update(choices=studio.media_adapters(kind)) for kind in TABS))
+                    *(gr.update(choices=studio.media_adapters(kind)) for kind in (*TABS, "mix")))
 
         list_outputs = [live, table, picked, chat_adapter, *media_adapters]
 

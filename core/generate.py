@@ -29,6 +29,11 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=float, nargs="+", help="one weight per input file, in the order "
                    f"{', '.join('--' + k for k in KINDS)} (default: equal); kinds mix only with an encoder that "
                    "reads them all (imagebind)")
+    p.add_argument("--cache", metavar="BANK", help="ImageBind-LLM's cache model: a feature bank (.npy or .safetensors, "
+                   "N x encoder width) whose nearest neighbours are mixed into the input's embedding")
+    p.add_argument("--cache-k", type=int, default=10, help="neighbours taken from the bank")
+    p.add_argument("--cache-t", type=float, default=20.0, help="softmax temperature over their similarities")
+    p.add_argument("--cache-weight", type=float, default=0.5, help="how much of the embedding the neighbours replace")
     p.add_argument("--encoder-weights", metavar="PATH", help="the adapter's encoder's checkpoint (imagebind: "
                    "imagebind_huge.pth; default: the cached copy, else the official download)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
@@ -61,7 +66,7 @@ def run(args) -> int:
     from core import parallel
     from core.adapter import load_adapter
     from core.loading import load_model
-    from core.multimodal import conditioned, embed_inputs
+    from core.multimodal import FeatureCache, conditioned, embed_inputs
     from core.serving import chat_setup
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -80,8 +85,8 @@ def run(args) -> int:
         parallel.apply_model_parallel(lm.model)
     inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
     condition = None
-    if args.weights and not inputs:
-        raise UserError("--weights needs input files: --image, --audio or --points")
+    if (args.weights or args.cache) and not inputs:
+        raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: --image, --audio or --points")
     if inputs:
         if not args.adapter:
             raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
@@ -89,7 +94,9 @@ def run(args) -> int:
             configure_encoder(lm.model.adapter.cfg.encoder or "", weights=args.encoder_weights)
         with torch.no_grad():
             weights = args.weights or ([1.0] * len(inputs) if len(inputs) > 1 else None)
-            condition = embed_inputs(lm.model.adapter, [f for _, f in inputs], [k for k, _ in inputs], weights)
+            cache = FeatureCache.from_file(args.cache, k=args.cache_k, temperature=args.cache_t,
+                                           weight=args.cache_weight) if args.cache else None
+            condition = embed_inputs(lm.model.adapter, [f for _, f in inputs], [k for k, _ in inputs], weights, cache)
     with conditioned(lm.model, condition):
         return converse(args, lm, rank)
 

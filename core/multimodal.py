@@ -80,6 +80,59 @@ def combine(features: list[torch.Tensor], weights: list[float] | None = None, un
     return F.normalize(mixed, dim=-1)
 
 
+class FeatureCache:
+    """ImageBind-LLM's cache model: an input's embedding is pulled toward its k nearest neighbours
+    (by cosine) in a bank of features, e.g. the embeddings of a training set, which helps when the
+    input is far from what the bind network saw: the neighbours' mean, weighted by softmax(t x
+    similarity), is mixed in at `weight`. faiss searches the bank where it is installed, else torch."""
+
+    def __init__(self, bank: torch.Tensor, k: int = 10, temperature: float = 20.0, weight: float = 0.5):
+        if bank.ndim != 2 or len(bank) == 0 or not torch.isfinite(bank).all():
+            raise UserError(f"a feature bank must be a finite (N, dim) array with N >= 1, got {tuple(bank.shape)}")
+        if not 0 <= weight <= 1 or k < 1:
+            raise UserError(f"cache weight must be in [0, 1] and k at least 1, got {weight} and {k}")
+        self.bank = F.normalize(bank.float(), dim=-1)
+        self.k, self.temperature, self.weight = min(k, len(bank)), temperature, weight
+        try:
+            import faiss
+            self.index = faiss.IndexFlatIP(self.bank.shape[1])
+            self.index.add(self.bank.numpy())
+        except ImportError:
+            self.index = None
+
+    @classmethod
+    def from_file(cls, path, **options) -> "FeatureCache":
+        """A bank from .npy (never unpickled) or .safetensors (its one tensor)."""
+        import numpy as np
+        from pathlib import Path
+        path = Path(path)
+        try:
+            if path.suffix == ".npy":
+                bank = torch.from_numpy(np.load(path, allow_pickle=False))
+            elif path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                bank = next(iter(load_file(str(path)).values()))
+            else:
+                raise UserError(f"{path.name}: unknown feature-bank format; accepted: .npy or .safetensors of (N, dim)")
+        except (OSError, ValueError, StopIteration) as e:
+            raise UserError(f"{path.name}: unreadable feature bank ({str(e).splitlines()[0][:120]})") from None
+        return cls(bank, **options)
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, dim) unit queries -> similarities and indices of their k nearest, (B, k) each."""
+        if self.index is not None:
+            sims, idx = self.index.search(queries.float().contiguous().numpy(), self.k)
+            return torch.from_numpy(sims), torch.from_numpy(idx)
+        return (queries.float() @ self.bank.T).topk(self.k, dim=-1)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.bank.shape[1]:
+            raise UserError(f"the feature bank is {self.bank.shape[1]}-d, the encoder's embeddings {features.shape[-1]}-d")
+        sims, idx = self.search(F.normalize(features.float(), dim=-1))
+        near = F.normalize(((sims * self.temperature).softmax(-1)[..., None] * self.bank[idx]).sum(1), dim=-1)
+        return F.normalize((1 - self.weight) * features.float() + self.weight * near, dim=-1)
+
+
 @contextlib.contextmanager
 def conditioned(model: Transformer, condition: torch.Tensor | None):
     """Run `model` with `condition` (B, dim) added to its adapter's prompts; cleared on exit."""
@@ -97,11 +150,12 @@ def conditioned(model: Transformer, condition: torch.Tensor | None):
 
 
 def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
-                 weights: list[float] | None = None) -> torch.Tensor:
+                 weights: list[float] | None = None, cache: FeatureCache | None = None) -> torch.Tensor:
     """Prompt additions for inputs (files or arrays), through the encoder the adapter was trained
     with and its bind network: (B, dim), one row per input; with `weights`, all the inputs mixed
     into one row (combine) first, e.g. two images at 0.7 and 0.3. `kind`: of every input, or a
-    list with one kind per input (an image and a clip, with an encoder that reads both: imagebind)."""
+    list with one kind per input (an image and a clip, with an encoder that reads both: imagebind).
+    `cache`: the embeddings go through the cache model before the bind network."""
     from core.encoders import get_encoder
     name = adapter.cfg.encoder if adapter is not None else None
     if not name:
@@ -112,5 +166,7 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
     features = encoders[0].embed([encoders[0].load(s, k) for s, k in zip(sources, kinds)])
     if weights is not None:
         features = combine(list(features.split(1)), weights, unit=adapter.bind.style == "studio")
+    if cache is not None:
+        features = cache(features)
     p = next(adapter.bind.parameters())
     return adapter.bind(features.to(p.device, p.dtype))

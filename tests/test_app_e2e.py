@@ -281,3 +281,18 @@ def test_audio_tab_plays_an_example_and_answers(page):
     assert "mono" in side_panel(page, "audio")
     assert page.locator("#audio-file audio, #audio-file .waveform-container, #audio-file button").count() > 0
     assert answer.startswith("tone"), answer
+
+
+def test_mix_tab_says_what_it_needs_without_an_imagebind_adapter(page):
+    """The shipped adapters each read one kind, so the Mix tab has none to offer: asking says
+    which adapter it needs, and the app keeps serving."""
+    page.get_by_role("tab", name="Mix").click()
+    assert page.locator("#mix-adapter input").input_value() == ""
+    box = page.locator("#mix-message textarea")
+    box.fill("What is going on here?")
+    box.press("Enter")
+    page.wait_for_selector("text=No adapter here mixes kinds of input", timeout=30_000)
+    shot(page, "10-mix-needs-imagebind")
+    page.get_by_role("tab", name="Chat").click()
+    send(page, "Say hi.")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)

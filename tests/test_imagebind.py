@@ -490,3 +490,101 @@ def test_point_bind_without_weights_says_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"Point-Bind needs its released weights \(pointbind_pointbert.pt\) and none "
                                         r"were found: pass --encoder-weights PATH"):
         get_encoder("pointbind", "points")
+
+
+def test_studio_mixes_an_image_and_a_clip_for_an_imagebind_adapter(smollm2, tiny_imagebind, tmp_path):
+    """The Mix tab's path on the real embedded model: an adapter whose (tiny random) ImageBind
+    reads images and audio is listed for mixing, and its reply depends on the weights."""
+    from app.studio import Studio
+    from core.adapter import Adapter, AdapterConfig, save_adapter
+    studio = Studio(smollm2, tmp_path / "adapters", tmp_path / "runs")
+    adapter = Adapter.create(smollm2.model, AdapterConfig(prompt_len=4, layers=6, encoder="tiny-random-imagebind",
+                                                          encoder_dim=SMALL["out_dim"]))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.prompt.gate.fill_(0.8)
+        adapter.bind.gate.fill_(2.0)
+    save_adapter(adapter, tmp_path / "mix.safetensors", smollm2.model)
+    name = studio.registry.add(tmp_path / "mix.safetensors", "mix")
+    assert name in studio.media_adapters("mix") and name in studio.media_adapters("audio")
+    assert name not in studio.media_adapters("points")
+    history = [{"role": "user", "content": "What is this?"}]
+
+    def reply(weights):
+        stream, _ = studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name,
+                                       media=(["image", "audio"], [str(IMAGE), str(CLIP)], weights))
+        return "".join(stream)
+    image_only, audio_only = reply([1.0, 0.0]), reply([0.0, 1.0])
+    assert image_only == "".join(studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name, media=("image", str(IMAGE)))[0])
+    assert image_only != audio_only
+    with pytest.raises(UserError, match="positive sum"):
+        reply([0.0, 0.0])
+
+
+def test_cache_model_pulls_an_embedding_toward_its_nearest_bank_features(tmp_path, monkeypatch):
+    from core.multimodal import FeatureCache
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 8, generator=g)
+    query = torch.randn(3, 8, generator=g)
+    cache = FeatureCache(bank, k=4, temperature=20.0, weight=0.5)
+    assert cache.index is not None  # faiss, from the test requirements
+    unit_bank, unit_q = torch.nn.functional.normalize(bank, dim=-1), torch.nn.functional.normalize(query, dim=-1)
+    sims = unit_q @ unit_bank.T
+    want = []
+    for row in range(3):  # spelled out: the 4 most similar, softmax(20 x sim)-weighted, mixed in at 0.5
+        top = sims[row].argsort(descending=True)[:4]
+        w = (20 * sims[row, top]).softmax(0)
+        near = torch.nn.functional.normalize((w[:, None] * unit_bank[top]).sum(0), dim=0)
+        want.append(torch.nn.functional.normalize(0.5 * query[row] + 0.5 * near, dim=0))
+    torch.testing.assert_close(cache(query), torch.stack(want), rtol=0, atol=1e-5)
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "faiss" else real_import(name, *a, **k))
+    plain = FeatureCache(bank, k=4)  # faiss missing: torch's topk
+    assert plain.index is None
+    torch.testing.assert_close(plain(query), torch.stack(want), rtol=0, atol=1e-5)
+    monkeypatch.undo()
+    np.save(tmp_path / "bank.npy", bank.numpy())
+    torch.testing.assert_close(FeatureCache.from_file(tmp_path / "bank.npy", k=4)(query), torch.stack(want), rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="the feature bank is 8-d, the encoder's embeddings 5-d"):
+        cache(torch.randn(1, 5))
+    with pytest.raises(UserError, match="bank.txt: unknown feature-bank format"):
+        FeatureCache.from_file(tmp_path / "bank.txt")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="objects.npy: unreadable feature bank"):
+        FeatureCache.from_file(tmp_path / "objects.npy")  # never unpickled
+
+
+def write_video(path, n_frames=75, fps=15, size=(120, 160)):
+    """An MPEG-4 clip whose frames differ (a bar moving right), written with PyAV."""
+    import av
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = *size, "yuv420p"
+        for i in range(n_frames):
+            frame = np.full((*size, 3), 40, np.uint8)
+            frame[:, 2 * i % size[1]:2 * i % size[1] + 10] = (250, 120, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_video_file_is_decoded_only_where_its_clips_need_frames(tmp_path, tiny_imagebind):
+    import av
+    write_video(tmp_path / "bar.mp4")
+    frames, fps = ib.read_video(tmp_path / "bar.mp4")
+    assert fps == 15 and len(frames) == 75
+    needed = {i for picks in ib.video_frame_indices(75, 15) for i in picks}
+    assert set(frames.frames) == needed and len(needed) == 10  # 5 clips x 2 frames, nothing else kept
+    with av.open(str(tmp_path / "bar.mp4")) as container:
+        every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    torch.testing.assert_close(ib.video_tensor(frames, fps), ib.video_tensor(every, 15.0))
+    kind, clips = tiny_imagebind.load(tmp_path / "bar.mp4", "video")
+    assert kind == "vision" and clips.shape == (15, 3, 2, 224, 224)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video at all")
+    with pytest.raises(UserError, match="broken.mp4: unreadable video"):
+        ib.read_video(tmp_path / "broken.mp4")
+    with pytest.raises(UserError, match="unknown video format .gifv"):
+        ib.read_video(tmp_path / "x.gifv")

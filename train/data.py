@@ -229,6 +229,8 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
     if len(kinds) > 1 and not encoder_name:
         raise UserError(f"these records mix {' and '.join(kinds)}: name one --encoder that reads them all "
                         "(imagebind), or train one adapter per kind")
+    if not encoder_name and kinds[0] not in DEFAULT_ENCODERS:
+        raise UserError(f"{kinds[0]} records need an encoder that reads {kinds[0]}: --encoder imagebind")
     name = encoder_name or DEFAULT_ENCODERS[kinds[0]]
     encoder = [get_encoder(name, kind) for kind in kinds][0]  # refuses a kind it cannot read
     cache: dict[tuple[str, str], torch.Tensor] = {}

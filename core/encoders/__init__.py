@@ -61,7 +61,7 @@ def embed_by_group(inputs: list[tuple[str, torch.Tensor]], encode: Callable) -> 
     return torch.stack(out)
 
 
-KINDS = ("image", "audio", "points")  # the kinds of input an encoder reads (Encoder.modality)
+KINDS = ("image", "audio", "points", "video")  # the kinds of input records and the CLI name (Encoder.modality)
 ENCODERS: dict[str, Callable[[], Encoder]] = {}
 DEFAULT_ENCODERS = {"image": "efficientnet-lite0", "audio": "whisper-tiny", "points": "pointnet"}  # per kind of input, what needs no download
 _built: dict[str, Encoder] = {}

@@ -83,26 +83,96 @@ def text_ids(texts: list[str]) -> torch.Tensor:
     return open_clip.tokenize(texts, context_length=77)
 
 
-def video_tensor(frames: np.ndarray, fps: float) -> torch.Tensor:
-    """(T, H, W, 3) uint8 frames at `fps` -> (15, 3, 2, 224, 224): 5 clips of 2 s, 2 frames
-    each, shorter side 224 (bilinear), CLIP mean/std, left/centre/right (or top/centre/bottom) crops."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise UserError(f"video frames must be (frames, height, width, 3), got {frames.shape}")
-    video = torch.as_tensor(frames).permute(3, 0, 1, 2).float() / 255  # C, T, H, W
+def video_frame_indices(n_frames: int, fps: float) -> list[list[int]]:
+    """For each of the 5 clips of 2 s (evenly spaced starts), the indices of its 2 frames,
+    spread evenly over the clip's frames (first and last)."""
+    picks = []
+    for start in clip_starts(n_frames / fps, CLIP_SECONDS, VIDEO_CLIPS):
+        first = int(start * fps)
+        stop = max(first + 1, min(n_frames, int((start + CLIP_SECONDS) * fps)))
+        picks.append([first + int(i) for i in torch.linspace(0, stop - first - 1, VIDEO_FRAMES).long()])
+    return picks
+
+
+def video_tensor(frames, fps: float) -> torch.Tensor:
+    """Frames at `fps` ((T, H, W, 3) uint8, or anything indexable that gives such frames) ->
+    (15, 3, 2, 224, 224): 5 clips of 2 frames, shorter side 224 (bilinear), CLIP mean/std,
+    left/centre/right (or top/centre/bottom) crops."""
+    if len(frames) == 0 or not fps > 0:
+        raise UserError(f"a video needs frames and a positive frame rate, got {len(frames)} frames at {fps}")
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1, 1)
     out = []
-    for start in clip_starts(len(frames) / fps, CLIP_SECONDS, VIDEO_CLIPS):
-        first, stop = int(start * fps), max(int(start * fps) + 1, min(len(frames), int((start + CLIP_SECONDS) * fps)))
-        span = video[:, first:stop]
-        picks = torch.linspace(0, span.shape[1] - 1, VIDEO_FRAMES).clamp(0, span.shape[1] - 1).long()
-        clip = span[:, picks]
+    for picks in video_frame_indices(len(frames), fps):
+        clip = np.stack([np.asarray(frames[i]) for i in picks])
+        if clip.ndim != 4 or clip.shape[-1] != 3:
+            raise UserError(f"video frames must be (height, width, 3), got {clip.shape[1:]}")
+        clip = torch.as_tensor(clip).permute(3, 0, 1, 2).float() / 255  # C, T, H, W
         h, w = clip.shape[-2:]
         size = (SIZE, int(w / h * SIZE)) if h <= w else (int(h / w * SIZE), SIZE)
-        clip = F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
-        clip = (clip - mean) / std
+        clip = (F.interpolate(clip, size=size, mode="bilinear", align_corners=False) - mean) / std
         out += [_crop(clip, i) for i in range(3)]
     return torch.stack(out)
+
+
+VIDEO_FORMATS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
+VIDEO_ACCEPTED = "accepted: an MP4, WebM, MOV, AVI or MKV video"
+
+
+class DecodedFrames:
+    """A video's frames by index, holding only those decoded (the ones its clips use)."""
+    def __init__(self, frames: dict[int, np.ndarray], count: int):
+        self.frames, self.count = frames, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        return self.frames[i]
+
+
+def read_video(source) -> tuple[DecodedFrames, float]:
+    """A video file -> (its frames, decoded only where the 5 clips need them; frames per second)."""
+    from core.encoders import media_file
+    path = media_file(source, VIDEO_FORMATS, "video", VIDEO_ACCEPTED)
+    try:
+        import av
+    except ImportError:
+        raise UserError("video files need `pip install av==18.1.0` (PyAV)") from None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path.name}: no video stream; {VIDEO_ACCEPTED}")
+            stream = container.streams.video[0]
+            fps, count = float(stream.average_rate or 0), stream.frames
+            if not count:  # the container does not say: count by decoding once
+                count = sum(1 for _ in container.decode(stream))
+                container.seek(0)
+            needed = {i for picks in video_frame_indices(count, fps or 1) for i in picks}
+            frames = {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i in needed:
+                    frames[i] = frame.to_ndarray(format="rgb24")
+                if i >= max(needed):
+                    break
+    except av.error.FFmpegError as e:
+        raise UserError(f"{path.name}: unreadable video ({str(e)[:120]}); {VIDEO_ACCEPTED}") from None
+    if not fps or not frames:
+        raise UserError(f"{path.name}: no frames or no frame rate; {VIDEO_ACCEPTED}")
+    if len(frames) < len(needed):  # fewer frames than the header said
+        return read_frames_again(path, frames, fps)
+    return DecodedFrames(frames, count), fps
+
+
+def read_frames_again(path, partial: dict, fps: float) -> tuple[DecodedFrames, float]:
+    """The header overstated the frame count: the clips are placed over the frames really there."""
+    count = max(partial) + 1
+    needed = {i for picks in video_frame_indices(count, fps) for i in picks}
+    if needed <= set(partial):
+        return DecodedFrames(partial, count), fps
+    import av
+    with av.open(str(path)) as container:
+        frames = {i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in needed}
+    return DecodedFrames(frames, count), fps
 
 
 def _crop(clip: torch.Tensor, where: int) -> torch.Tensor:
@@ -147,7 +217,7 @@ def cache_dir() -> Path:
 
 def missing_weights(reason: str, file: str = FILE, url: str | None = URL, what: str = "ImageBind") -> UserError:
     where = f"download {url} and pass" if url else "pass"
-    size = " (4.5 GB)" if file == FILE else ""
+    size = ", 4.5 GB" if file == FILE else ""
     return UserError(f"{what} needs its released weights ({file}{size}) and {reason}: {where} --encoder-weights PATH "
                      f"(or put it at {cache_dir() / file}); the embedded encoders (efficientnet-lite0, "
                      "whisper-tiny, pointnet) need nothing")
@@ -240,7 +310,7 @@ class ImageBindEncoder(Encoder):
                 raise UserError("text for ImageBind must be a non-empty string")
             return "text", text_ids([source])[0]
         if kind == "video":
-            frames, fps = source
+            frames, fps = read_video(source) if isinstance(source, (str, Path)) else source
             return "vision", video_tensor(frames, fps)
         if kind in ("depth", "thermal"):
             return kind, single_channel_tensor(_array_or_image(source))

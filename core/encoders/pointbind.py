@@ -23,6 +23,7 @@ from torch import nn
 
 from core.encoders import register
 from core.encoders.imagebind import ImageBindEncoder, find_weights, read_state_dict
+from core.encoders.imagebind_model import Mlp  # the same GELU MLP (fc1, fc2) as ImageBind's blocks
 from core.errors import UserError
 
 PREFIX = "point_encoder."
@@ -92,15 +93,6 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
