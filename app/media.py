@@ -73,8 +73,10 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                     gr.Examples([[e] for e in examples], inputs=upload, label="Examples", elem_id=f"{kind}-examples",
                                 example_labels=[Path(e).stem for e in examples])
                 view = gr.Plot(label="3D view (drag to turn)", elem_id="points-view") if kind == "points" else None
-                if kind == "audio":  # Whisper's encoder has no classifier head: show what it is given
+                classes = None
+                if kind == "audio":  # Whisper's encoder has no classifier head: what it is given, and YAMNet's classes
                     side = gr.Textbox(label=side_label, interactive=False, elem_id="audio-labels")
+                    classes = gr.Label(label="AudioSet classes (YAMNet)", num_top_classes=5, elem_id="audio-classes")
                 else:
                     side = gr.Label(label=side_label, num_top_classes=7, elem_id=f"{kind}-labels")
             with gr.Column(scale=2):
@@ -87,10 +89,12 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                     send = gr.Button("Ask", variant="primary", scale=1, elem_id=f"{kind}-send")
                     clear = gr.Button("Clear", scale=1)
 
+        panels = [p for p in (view, side, classes) if p is not None]
+
         def show(path):
             """A new input: show what the encoder makes of it, and start a new conversation."""
             if not path:
-                return (None, None, []) if view else (None, [])
+                return (*[None] * len(panels), [])
             try:
                 return (*read_for_view(kind, path, view is not None), [])
             except UserError as e:
@@ -105,7 +109,7 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                 media = (kind, [path, second_path], [1.0 - second_weight, second_weight])
             yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
 
-        upload.change(show, upload, [view, side, chatbot] if view else [side, chatbot])
+        upload.change(show, upload, [*panels, chatbot])
         extra = [second, weight] if second is not None else [gr.State(None), gr.State(0.0)]
         for trigger in (message.submit, send.click):
             trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
@@ -167,8 +171,14 @@ def read_for_view(kind: str, path, with_view: bool):
     from core.encoders import DEFAULT_ENCODERS, get_encoder
     if kind == "audio":
         from core.encoders.audio import read_audio
-        read_audio(path)  # the clip's own errors (silent, too short, unreadable) show at once
-        return (audio_facts(path),)
+        from core.encoders.yamnet import audioset_labels
+        wave = read_audio(path)  # the clip's own errors (silent, too short, unreadable) show at once
+        try:
+            classes = dict(audioset_labels(wave))
+        except UserError as e:  # no YAMNet here: the clip is still described
+            gr.Warning(str(e))
+            classes = None
+        return audio_facts(path), classes
     loaded = None
     if kind == "points":
         from core.encoders.points import read_points

