@@ -371,6 +371,9 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         log.say(f"finished: {step} steps, loss {loss_value:.4f} -> {out / 'adapter.safetensors'}")
         status("finished", final_loss=loss_value, val_loss=val_loss)
     if world > 1:
+        # every rank leaves together: a rank tearing its gloo connections down while another is
+        # still writing files aborted once ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
     return adapter
 
