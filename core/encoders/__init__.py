@@ -2,7 +2,10 @@
 
 An encoder reads its modality's input (`load`: a file path or an in-memory object, validated
 with one-line errors) and turns a batch of loaded inputs into embeddings (`embed`: (N, dim)).
-The app, the CLI and training look encoders up by name in ENCODERS.
+Some read several kinds into one space (`kinds`; ImageBind, Point-Bind, OpenCLIP): their `load`
+takes the kind and tags what it returns, so `embed` can batch each kind apart (embed_by_group).
+The app, the CLI and training look encoders up by name in ENCODERS; a name may carry an argument
+(openclip:ARCH:WEIGHTS) and configure_encoder passes options such as a weights path.
 """
 from __future__ import annotations
 
