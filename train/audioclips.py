@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import UserError
-from train.data import write_split
+from train.data import write_generated
 
 RATE = 16_000
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
@@ -101,16 +101,13 @@ def write_dataset(out: str | Path = "data/audio", n_train: int = SPLITS["train"]
     "instruction": question, "output": answer}, paths relative to `out`; out/val.jsonl is the first
     200 test questions, for the validation loss while training."""
     import soundfile as sf
-    out = Path(out)
-    for split, n in (("train", n_train), ("test", n_test)):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(n):
-            wave, facts = clip(split, i)
-            name = f"{split}/{i:05d}.wav"
-            sf.write(out / name, wave, RATE, subtype="PCM_16")
-            rows += [{"audio": name, "instruction": q, "output": a} for q, a in questions(facts)]
-        write_split(out, split, rows, f" about {n} clips")
+
+    def item(out: Path, split: str, i: int) -> list[dict]:
+        wave, facts = clip(split, i)
+        name = f"{split}/{i:05d}.wav"
+        sf.write(out / name, wave, RATE, subtype="PCM_16")
+        return [{"audio": name, "instruction": q, "output": a} for q, a in questions(facts)]
+    write_generated(out, {"train": n_train, "test": n_test}, item, "clips")
 
 
 def write_examples(out: str | Path) -> None:

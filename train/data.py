@@ -82,6 +82,16 @@ def write_split(out: Path, split: str, rows: list[dict], what: str = "") -> None
     print(f"{out / split}.jsonl: {len(rows)} questions{what}")
 
 
+def write_generated(out: str | Path, counts: dict[str, int], item, what: str) -> None:
+    """A generated dataset: for each split, item(out, split, i) writes input i's file under
+    out/<split>/ and returns its records (paths relative to `out`); then write_split."""
+    out = Path(out)
+    for split, n in counts.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        rows = [row for i in range(n) for row in item(out, split, i)]
+        write_split(out, split, rows, f" about {n} {what}")
+
+
 def generator_cli(module: str, what: str, out: str, splits: dict, write_dataset, write_examples) -> None:
     """The command line of a generated multimodal dataset: `--out DIR --train N --test N`, or
     `--examples DIR` for the app's example inputs."""

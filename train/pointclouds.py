@@ -111,20 +111,15 @@ def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["tes
     """out/{train,test}/NNNNN.npy (xyz+rgb, float16) and out/{train,test}.jsonl records
     {"points": path, "instruction": question, "output": answer}, paths relative to `out`; and
     out/val.jsonl, the first 200 test questions, for the validation loss while training."""
-    from pathlib import Path
+    from train.data import write_generated
 
-    from train.data import write_split
-    out = Path(out)
-    for split, n in (("train", n_train), ("test", n_test)):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(n):
-            points, objects = scene(split, i)
-            name = f"{split}/{i:05d}.npy"
-            np.save(out / name, points.astype(np.float16))
-            rng = np.random.default_rng(_seed(split, i) + 1)
-            rows += [{"points": name, "instruction": q, "output": a} for q, a in questions(objects, rng)]
-        write_split(out, split, rows, f" about {n} scenes")
+    def item(out, split: str, i: int) -> list[dict]:
+        points, objects = scene(split, i)
+        name = f"{split}/{i:05d}.npy"
+        np.save(out / name, points.astype(np.float16))
+        rng = np.random.default_rng(_seed(split, i) + 1)
+        return [{"points": name, "instruction": q, "output": a} for q, a in questions(objects, rng)]
+    write_generated(out, {"train": n_train, "test": n_test}, item, "scenes")
 
 
 def write_examples(out, n: int = 4):
