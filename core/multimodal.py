@@ -162,8 +162,8 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
         raise UserError("this adapter has no bind network (it was trained on text only); "
                         "accepted: an adapter trained on image, audio or points records")
     kinds = list(kind) if isinstance(kind, (list, tuple)) else [kind] * len(sources)
-    encoders = [get_encoder(name, k) for k in dict.fromkeys(kinds)]  # refuses a kind it cannot read
-    features = encoders[0].embed([encoders[0].load(s, k) for s, k in zip(sources, kinds)])
+    encoder = get_encoder(name, kinds)  # refuses a kind it cannot read
+    features = encoder.embed([encoder.load(s, k) for s, k in zip(sources, kinds)])
     if weights is not None:
         features = combine(list(features.split(1)), weights, unit=adapter.bind.style == "studio")
     if cache is not None:

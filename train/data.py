@@ -242,7 +242,7 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
     if not encoder_name and kinds[0] not in DEFAULT_ENCODERS:
         raise UserError(f"{kinds[0]} records need an encoder that reads {kinds[0]}: --encoder imagebind")
     name = encoder_name or DEFAULT_ENCODERS[kinds[0]]
-    encoder = [get_encoder(name, kind) for kind in kinds][0]  # refuses a kind it cannot read
+    encoder = get_encoder(name, kinds)  # refuses a kind it cannot read
     cache: dict[tuple[str, str], torch.Tensor] = {}
     media = sorted({tuple(e.media) for e in examples})
     for i in range(0, len(media), 64):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -86,12 +86,14 @@ def configure_encoder(name: str, **options):
         del _built[built]
 
 
-def get_encoder(name: str, kind: str | None = None) -> Encoder:
-    """The encoder called `name`, built once per process; refused if it does not read `kind`.
-    A name may carry an argument after a colon: openclip:ARCH[:PRETRAINED_OR_PATH]."""
-    kinds = encoder_kinds(name)  # checked before building: a build may read gigabytes
-    if kind and kind not in kinds:
-        raise UserError(f"encoder {name} reads {' and '.join(kinds)}, not {kind}")
+def get_encoder(name: str, kind: str | Iterable[str] | None = None) -> Encoder:
+    """The encoder called `name`, built once per process; refused if it does not read `kind`
+    (or each of several kinds). A name may carry an argument after a colon:
+    openclip:ARCH[:PRETRAINED_OR_PATH]."""
+    reads = encoder_kinds(name)  # checked before building: a build may read gigabytes
+    for wanted in [kind] if isinstance(kind, str) else kind or []:
+        if wanted and wanted not in reads:
+            raise UserError(f"encoder {name} reads {' and '.join(reads)}, not {wanted}")
     return _build(name)
 
 
