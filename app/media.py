@@ -48,6 +48,26 @@ TABS = {
 }
 
 
+def ask_column(studio: Studio, key: str, adapter_label: str, chat_label: str, placeholder: str):
+    """A media tab's right side: the adapters for `key` (a kind, or "mix"), the conversation and
+    the question box (elem_ids <key>-adapter, -chat, -message, -send). Returns the adapter list,
+    the chatbot, and ask(user_turn, answer, inputs), which wires Enter / Ask / Clear."""
+    choices = studio.media_adapters(key)
+    adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id=f"{key}-adapter", label=adapter_label)
+    chatbot = gr.Chatbot(elem_id=f"{key}-chat", height=380, label=chat_label)
+    with gr.Row():
+        message = gr.Textbox(placeholder=placeholder, show_label=False, scale=6, elem_id=f"{key}-message")
+        send = gr.Button("Ask", variant="primary", scale=1, elem_id=f"{key}-send")
+        clear = gr.Button("Clear", scale=1)
+
+    def ask(user_turn, answer, inputs):
+        for trigger in (message.submit, send.click):
+            trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
+                answer, inputs, chatbot, concurrency_limit=4, concurrency_id="chat")
+        clear.click(lambda: [], None, chatbot, queue=False)
+    return adapter, chatbot, ask
+
+
 def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
     """One tab per kind of input: upload or pick an example, see or hear it with what the
     encoder reads, and ask; follow-ups are about the same input. Images can be mixed: a second
@@ -80,14 +100,8 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                 else:
                     side = gr.Label(label=side_label, num_top_classes=7, elem_id=f"{kind}-labels")
             with gr.Column(scale=2):
-                choices = studio.media_adapters(kind)
-                adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id=f"{kind}-adapter",
-                                      label=f"Adapter (with a bind network for {title.lower()} inputs)")
-                chatbot = gr.Chatbot(elem_id=f"{kind}-chat", height=380, label=f"Ask about the {title.lower()}")
-                with gr.Row():
-                    message = gr.Textbox(placeholder=placeholder, show_label=False, scale=6, elem_id=f"{kind}-message")
-                    send = gr.Button("Ask", variant="primary", scale=1, elem_id=f"{kind}-send")
-                    clear = gr.Button("Clear", scale=1)
+                adapter, chatbot, ask = ask_column(studio, kind, f"Adapter (with a bind network for {title.lower()} inputs)",
+                                                   f"Ask about the {title.lower()}", placeholder)
 
         panels = [p for p in (view, side, classes) if p is not None]
 
@@ -111,11 +125,7 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
 
         upload.change(show, upload, [*panels, chatbot])
         extra = [second, weight] if second is not None else [gr.State(None), gr.State(0.0)]
-        for trigger in (message.submit, send.click):
-            trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
-                answer, [chatbot, upload, *extra, adapter, max_new], chatbot, concurrency_limit=4,
-                concurrency_id="chat")
-        clear.click(lambda: [], None, chatbot, queue=False)
+        ask(user_turn, answer, [chatbot, upload, *extra, adapter, max_new])
     return adapter
 
 
@@ -136,15 +146,8 @@ def mix_tab(studio: Studio, stream_reply, user_turn, max_new):
                 points_weight = gr.Slider(0, 1, value=1.0, step=0.05, label="Point-cloud weight",
                                           elem_id="mix-points-weight")
             with gr.Column(scale=2):
-                choices = studio.media_adapters("mix")
-                adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id="mix-adapter",
-                                      label="Adapter (its encoder reads several kinds into one space)")
-                chatbot = gr.Chatbot(elem_id="mix-chat", height=380, label="Ask about them together")
-                with gr.Row():
-                    message = gr.Textbox(placeholder="e.g. What is going on here?", show_label=False, scale=6,
-                                         elem_id="mix-message")
-                    send = gr.Button("Ask", variant="primary", scale=1, elem_id="mix-send")
-                    clear = gr.Button("Clear", scale=1)
+                adapter, chatbot, ask = ask_column(studio, "mix", "Adapter (its encoder reads several kinds into one space)",
+                                                   "Ask about them together", "e.g. What is going on here?")
 
         def answer(history, image_path, image_w, audio_path, audio_w, points_file, points_w, name, max_new_tokens,
                    request: gr.Request):
@@ -158,11 +161,8 @@ def mix_tab(studio: Studio, stream_reply, user_turn, max_new):
             media = ([k for k, _, _ in given], [f for _, f, _ in given], [w for _, _, w in given])
             yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
 
-        inputs = [chatbot, image, image_weight, audio, audio_weight, points, points_weight, adapter, max_new]
-        for trigger in (message.submit, send.click):
-            trigger(user_turn, [message, chatbot], [message, chatbot], show_progress="hidden").success(
-                answer, inputs, chatbot, concurrency_limit=4, concurrency_id="chat")
-        clear.click(lambda: [], None, chatbot, queue=False)
+        ask(user_turn, answer, [chatbot, image, image_weight, audio, audio_weight, points, points_weight, adapter,
+                                max_new])
     return adapter
 
 
