@@ -144,35 +144,33 @@ def read_video(source) -> tuple[DecodedFrames, float]:
                 raise UserError(f"{path.name}: no video stream; {VIDEO_ACCEPTED}")
             stream = container.streams.video[0]
             fps, count = float(stream.average_rate or 0), stream.frames
-            if not count:  # the container does not say: count by decoding once
-                count = sum(1 for _ in container.decode(stream))
-                container.seek(0)
-            needed = {i for picks in video_frame_indices(count, fps or 1) for i in picks}
-            frames = {}
-            for i, frame in enumerate(container.decode(stream)):
-                if i in needed:
-                    frames[i] = frame.to_ndarray(format="rgb24")
-                if i >= max(needed):
-                    break
+        if not fps:
+            raise UserError(f"{path.name}: no frame rate; {VIDEO_ACCEPTED}")
+        frames, decoded, complete = _decode_picks(path, count, fps)
+        if not count or not complete:  # the header did not say, or overstated, how many frames there are
+            count = decoded
+            frames, decoded, complete = _decode_picks(path, count, fps)
     except av.error.FFmpegError as e:
         raise UserError(f"{path.name}: unreadable video ({str(e)[:120]}); {VIDEO_ACCEPTED}") from None
-    if not fps or not frames:
-        raise UserError(f"{path.name}: no frames or no frame rate; {VIDEO_ACCEPTED}")
-    if len(frames) < len(needed):  # fewer frames than the header said
-        return read_frames_again(path, frames, fps)
+    if not frames:
+        raise UserError(f"{path.name}: no frames; {VIDEO_ACCEPTED}")
     return DecodedFrames(frames, count), fps
 
 
-def read_frames_again(path, partial: dict, fps: float) -> tuple[DecodedFrames, float]:
-    """The header overstated the frame count: the clips are placed over the frames really there."""
-    count = max(partial) + 1
-    needed = {i for picks in video_frame_indices(count, fps) for i in picks}
-    if needed <= set(partial):
-        return DecodedFrames(partial, count), fps
+def _decode_picks(path, count: int, fps: float) -> tuple[dict[int, np.ndarray], int, bool]:
+    """The frames the clips of a `count`-frame video use, how many frames were decoded (every one
+    when count is 0), and whether all the needed ones were there."""
     import av
+    needed = {i for picks in video_frame_indices(count, fps) for i in picks} if count else set()
+    frames, decoded = {}, 0
     with av.open(str(path)) as container:
-        frames = {i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in needed}
-    return DecodedFrames(frames, count), fps
+        for i, frame in enumerate(container.decode(video=0)):
+            decoded = i + 1
+            if i in needed:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if needed and i >= max(needed):
+                break
+    return frames, decoded, len(frames) == len(needed)
 
 
 def _crop(clip: torch.Tensor, where: int) -> torch.Tensor:
