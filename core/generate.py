@@ -86,7 +86,8 @@ def run(args) -> int:
     inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
     condition = None
     if (args.weights or args.cache) and not inputs:
-        raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: --image, --audio or --points")
+        raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: "
+                        f"{', '.join('--' + k for k in KINDS)}")
     if inputs:
         if not args.adapter:
             raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
