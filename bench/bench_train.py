@@ -1,7 +1,7 @@
 """Training throughput and peak memory: our adapter against peft's AdaptionPrompt on transformers'
 LlamaForCausalLM holding the same weights, same batch, sequence length, K and L; prints ratios.
 
-    .venv/bin/python bench/bench_train.py [--layers 30 10] [--batch 8] [--seq-len 128] [--steps 6]
+    .venv/bin/python bench/bench_train.py [--layers 30 10] [--batch 8] [--seq-len 128] [--steps 6] [--compile]
 
 Each side runs in a subprocess of its own, so its peak RSS is its own: the resident memory is
 sampled every 2 ms during the training steps (after both sides hold one copy of the weights),
@@ -46,7 +46,7 @@ class PeakRSS:
 
 
 def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int, seq_len: int, steps: int,
-             threads: int) -> dict:
+             threads: int, compile_blocks: bool = False) -> dict:
     """bf16: the frozen base stored in bf16, trainable parameters in fp32, bf16 autocast, on both
     sides (what train.finetune does by default on CPUs with native bf16)."""
     torch.set_num_threads(threads)
@@ -58,6 +58,9 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
         from train.loss import response_loss
         model = lm.model
         Adapter.create(model, AdapterConfig(prompt_len, layers)).attach(model)
+        if compile_blocks:  # torch.compile (inductor) on each block; compiled during the warm-up steps
+            for block in model.layers:
+                block.compile()
 
         def loss_of(x):  # what train.finetune computes (with every position a target here)
             loss, count = response_loss(model, x[:, :-1], x[:, 1:])
@@ -79,7 +82,7 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
     g = torch.Generator().manual_seed(1)
-    data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g) for _ in range(steps + 1)]
+    data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g) for _ in range(steps + 3)]
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -89,11 +92,12 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    step(data[0])  # warm-up
+    for x in data[:3 if compile_blocks else 1]:  # warm-up (compiling takes more than one step)
+        step(x)
     rss_before = psutil.Process().memory_info().rss
     with PeakRSS() as peak:
         started = time.perf_counter()
-        for x in data[1:]:
+        for x in data[-steps:]:
             step(x)
         elapsed = time.perf_counter() - started
     return {"tokens_per_s": steps * batch * seq_len / elapsed, "peak_rss": peak.peak, "rss_before": rss_before,
@@ -109,11 +113,12 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile our side's blocks (peft's stays eager)")
     p.add_argument("--side", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:  # a child: one side, one configuration
         print(json.dumps(one_side(args.side, args.precision[0], args.layers[0], args.prompt_len, args.batch,
-                                  args.seq_len, args.steps, args.threads)))
+                                  args.seq_len, args.steps, args.threads, args.compile)))
         return
     import peft
     import transformers
@@ -130,7 +135,8 @@ def main():
                                   "--layers", str(layers),
                                   "--prompt-len", str(args.prompt_len), "--batch", str(args.batch),
                                   "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                                  "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(args.threads)] + ["--compile"] * args.compile,
+                                 capture_output=True, text=True, check=True)
             res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         o, q = res["ours"], res["peft"]
         gib = 1024 ** 3

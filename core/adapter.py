@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.files import atomic_path
 from core.model import RMSNorm, Transformer
 
@@ -45,10 +45,12 @@ class AdapterConfig:
     bind_style: str = "studio"    # or the official ImageBind-LLM release's, see core.multimodal.BindNetwork
     lora_rank: int = 0            # LoRA pairs (rank r) on the adapted layers' seven linears (ImageBind-LLM)
     final_norm: bool = False      # the model's last norm trains too (V2 tunes every norm)
+    prompt_bind_scales: bool = False  # each prompt takes the bind output through its own per-channel
+                                  # scale (see AdaptionPrompt); off: the same addition to every prompt, as ImageBind-LLM
 
 
 class AdaptionPrompt(nn.Module):
-    def __init__(self, prompt_len: int, dim: int, n_heads: int):
+    def __init__(self, prompt_len: int, dim: int, n_heads: int, bind_scales: bool = False):
         super().__init__()
         # N(0, 1) like the hidden states wk/wv normally see: a zero prompt would give zero keys
         # and values, and with the gate at zero neither would ever get a gradient.
@@ -58,6 +60,11 @@ class AdaptionPrompt(nn.Module):
         # (B, dim) from a bind network (core.multimodal), added to every prompt of this layer, as
         # ImageBind-LLM injects its modality features; None for text-only use
         self.condition: torch.Tensor | None = None
+        # Why per-prompt scales: with one addition c for every prompt, c's keys add the same score to
+        # all K prompts and cancel in their softmax, and c's values add Wv c whatever the query: the
+        # input reaches the layer as a fixed offset. Scaled per prompt (ones at init: the same start),
+        # prompt k carries its own channels of c and a question can pick which ("the cube's colour").
+        self.bind_scale = nn.Parameter(torch.ones(prompt_len, dim)) if bind_scales else None
 
     def prompt_kv(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, n_kv_heads, K, head_dim) keys and values, no RoPE. Cached only under no_grad
@@ -88,7 +95,8 @@ class AdaptionPrompt(nn.Module):
             k, v = self.prompt_kv(attn, q.dtype)
             k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         else:  # one set of prompts per sequence: recomputed each call (K tokens, cheap)
-            k, v = self._project(attn, (self.prompt.unsqueeze(0) + self.condition[:, None, :]).to(q.dtype))
+            c = self.condition[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
+            k, v = self._project(attn, (self.prompt.unsqueeze(0) + c).to(q.dtype))
         # every query over the K prompts only: the prompt part's own softmax
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != k.shape[1])
         return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out
@@ -120,7 +128,7 @@ class AdaptedLinear(nn.Module):
 class AdaptedLayer(nn.Module):
     def __init__(self, cfg: AdapterConfig, dim: int, n_heads: int, shapes: dict[str, tuple[int, int]]):
         super().__init__()
-        self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads)
+        self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads, cfg.prompt_bind_scales and bool(cfg.encoder))
         if cfg.bias_scale:
             self.bias = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o)) for n, (o, _) in shapes.items()})
             self.scale = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.ones(o)) for n, (o, _) in shapes.items()})
@@ -301,7 +309,7 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("llama_adapter")
     except Exception as e:
-        raise UserError(f"{path.name} is truncated or corrupt ({_first_line(e)})") from None
+        raise UserError(f"{path.name} is truncated or corrupt ({first_line(e, 200)})") from None
     if raw is None:
         raise UserError(f"{path.name} is a safetensors file but not an adapter made by this project (no llama_adapter metadata)")
     meta = json.loads(raw)
@@ -352,7 +360,7 @@ def _load_safetensors(path: Path, model: Transformer) -> Adapter:
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise UserError(f"{path.name} is truncated or corrupt ({_first_line(e)})") from None
+        raise UserError(f"{path.name} is truncated or corrupt ({first_line(e, 200)})") from None
     _load_tensors(adapter, tensors, path.name)
     return adapter
 
@@ -375,7 +383,7 @@ def _load_official(path: Path, model: Transformer) -> Adapter:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path.name} could not be read as a weights-only torch checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path.name} could not be read as a weights-only torch checkpoint ({first_line(e, 200)})") from None
     sd = sd.get("model", sd) if isinstance(sd, dict) else sd
     if isinstance(sd, dict) and "prefix_query.weight" in sd:
         return _load_official_imagebind_llm(path, model, sd)
@@ -469,10 +477,6 @@ def _load_official_imagebind_llm(path: Path, model: Transformer, sd: dict) -> Ad
                         "accepted: the ImageBind-LLM adapter layout")
     _load_tensors(adapter, tensors, name)
     return adapter
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def cast_adapter_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfloat16"):

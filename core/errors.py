@@ -1,3 +1,9 @@
 class UserError(Exception):
     """A problem with what the user gave (a path, a file, an option): its message is one line that
     names the problem and what is accepted. CLIs print it and exit 2; the app shows it."""
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """An exception's message for a one-line error: its first line, cut to `limit`, or its type
+    where it has no message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

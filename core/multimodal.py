@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 from core.model import FeedForward, RMSNorm, Transformer
 
 
@@ -114,8 +114,10 @@ class FeatureCache:
                 bank = next(iter(load_file(str(path)).values()))
             else:
                 raise UserError(f"{path.name}: unknown feature-bank format; accepted: .npy or .safetensors of (N, dim)")
-        except (OSError, ValueError, StopIteration) as e:
-            raise UserError(f"{path.name}: unreadable feature bank ({str(e).splitlines()[0][:120]})") from None
+        except UserError:
+            raise
+        except Exception as e:  # numpy's and safetensors' many ways to say a file is damaged
+            raise UserError(f"{path.name}: unreadable feature bank ({first_line(e)})") from None
         return cls(bank, **options)
 
     def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

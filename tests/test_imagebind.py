@@ -551,6 +551,9 @@ def test_cache_model_pulls_an_embedding_toward_its_nearest_bank_features(tmp_pat
         cache(torch.randn(1, 5))
     with pytest.raises(UserError, match="bank.txt: unknown feature-bank format"):
         FeatureCache.from_file(tmp_path / "bank.txt")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"x\": ")  # a damaged file
+    with pytest.raises(UserError, match="cut.safetensors: unreadable feature bank"):
+        FeatureCache.from_file(tmp_path / "cut.safetensors")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UserError, match="objects.npy: unreadable feature bank"):
         FeatureCache.from_file(tmp_path / "objects.npy")  # never unpickled

@@ -58,6 +58,40 @@ def test_tiny_random_open_bind_gate_changes_each_sequence_and_trains_only_the_bi
     assert all(model.layers[int(i)].attention.prompt.condition is None for i in adapter.layers)
 
 
+def test_tiny_random_prompt_bind_scales_let_each_query_read_its_own_part_of_the_input(tmp_path):
+    from core.adapter import load_adapter, save_adapter
+    model = tiny_random_model()
+    cfg = AdapterConfig(prompt_len=4, layers=2, encoder="pointnet", encoder_dim=32, prompt_bind_scales=True)
+    adapter = trained_copy(Adapter.create(model, cfg)).attach(model)
+    top = model.layers[-1].attention
+    prompt, dim = top.prompt, model.args.dim
+    q = torch.randn(1, model.args.n_heads, 5, dim // model.args.n_heads)  # five queries
+    c = torch.randn(1, dim)
+
+    def input_effect():  # what the input changes in the prompt attention's output, per query
+        with torch.no_grad():
+            prompt.condition = c
+            with_input = prompt(top, q)
+            prompt.condition = torch.zeros_like(c)
+            return with_input - prompt(top, q)
+    # one addition for every prompt (the scales' start, and ImageBind-LLM's design): its keys add
+    # the same score to every prompt, which the softmax cancels; every query gets the same offset
+    with torch.no_grad():
+        prompt.bind_scale.fill_(1.0)
+    shared = input_effect()
+    torch.testing.assert_close(shared, shared[:, :, :1].expand_as(shared), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        prompt.bind_scale.uniform_(0, 2)
+    scaled = input_effect()
+    assert (scaled - scaled[:, :, :1]).abs().amax() > 1e-2  # now each query reads differently
+    prompt.condition = None
+    # the scales travel in the adapter file
+    save_adapter(adapter, tmp_path / "a.safetensors", model)
+    loaded = load_adapter(tmp_path / "a.safetensors", tiny_random_model(), attach=False)
+    assert loaded.cfg.prompt_bind_scales
+    torch.testing.assert_close(loaded.layers[str(model.args.n_layers - 1)].prompt.bind_scale, prompt.bind_scale)
+
+
 def test_combine_is_a_normalized_weighted_average_and_refuses_bad_weights():
     a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 5.0]])
     torch.testing.assert_close(combine([a, b]), torch.tensor([[2 ** -0.5, 2 ** -0.5]]))

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--encoder", help="for image/audio/points records: the encoder by name (default: "
                    "efficientnet-lite0, whisper-tiny, pointnet; imagebind reads images and audio into one space; "
                    "openclip:ARCH:PRETRAINED_OR_PATH)")
+    a.add_argument("--prompt-bind-scales", action="store_true",
+                   help="each adaption prompt scales the bind output by its own learned per-channel weights, so "
+                   "questions can pick parts of the input (not in ImageBind-LLM: it adds one vector to every prompt)")
     a.add_argument("--encoder-weights", metavar="PATH", help="the encoder's checkpoint (imagebind: imagebind_huge.pth)")
     a.add_argument("--init", metavar="ADAPTER", help="stage two (ImageBind-LLM, V2): start from this adapter's prompts, "
                    "gates and bind network (its K, L and encoder); add --bias-scale / --norm-tuning to tune those too")
@@ -217,7 +220,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     encoder = embed_media(examples + val_examples, args.encoder)
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
-    cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim)
+    cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim,
+                        prompt_bind_scales=args.prompt_bind_scales)
     stage_one = None
     if args.init:  # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
         stage_one = load_adapter(args.init, model, attach=False)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.encoders import Encoder, media_file, register
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 FORMATS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 ACCEPTED = "accepted: a WAV, FLAC, OGG, MP3 or AIFF clip of 0.1 to 30 seconds with sound in it (any rate, any channels)"
@@ -46,7 +46,7 @@ def read_audio(source) -> np.ndarray:
         try:
             wave, rate = sf.read(str(path), dtype="float32", always_2d=True, frames=int(600 * 192_000))
         except Exception as e:  # soundfile raises its own LibsndfileError and RuntimeErrors
-            raise UserError(f"{path.name}: unreadable audio ({str(e).splitlines()[0][:120]}); {ACCEPTED}") from None
+            raise UserError(f"{path.name}: unreadable audio ({first_line(e)}); {ACCEPTED}") from None
         name = path.name
     else:
         wave, rate = source

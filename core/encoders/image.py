@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.encoders import Encoder, media_file, register
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ACCEPTED = "accepted: a PNG, JPEG, WebP, BMP, GIF or TIFF image of at least 8 x 8 pixels"
@@ -51,7 +51,7 @@ def read_image(source):
             image = Image.open(path)
             image.load()
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UserError(f"{path.name}: unreadable image ({str(e).splitlines()[0][:120]}); {ACCEPTED}") from None
+            raise UserError(f"{path.name}: unreadable image ({first_line(e)}); {ACCEPTED}") from None
     if min(image.size) < MIN_SIDE:
         raise UserError(f"image of {image.size[0]} x {image.size[1]} pixels is too small; {ACCEPTED}")
     if image.mode in ("RGBA", "LA", "P"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from core.encoders import Encoder, embed_by_group, register
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 FILE = "imagebind_huge.pth"
@@ -265,7 +265,7 @@ def read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt, truncated, or not a weights-only pickle
-        raise UserError(f"{Path(path).name}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{Path(path).name}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

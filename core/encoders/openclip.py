@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from core.encoders import Encoder, embed_by_group, register
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 
 @register("openclip")
@@ -33,7 +33,7 @@ class OpenClipEncoder(Encoder):
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
         except (RuntimeError, OSError, ValueError) as e:  # a download refused, a checkpoint of another shape
-            raise UserError(f"openclip:{arch}: could not load {pretrained} ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"openclip:{arch}: could not load {pretrained} ({first_line(e, 160)})") from None
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.dim = self.model.visual.output_dim

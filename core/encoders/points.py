@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core.encoders import Encoder, media_file, register
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 FORMATS = (".npy", ".ply", ".pcd", ".xyz", ".txt")
 ACCEPTED = "accepted: N x 3 (xyz) or N x 6 (xyz + rgb) points in a .npy, .ply, .pcd, .xyz or .txt file"
@@ -39,7 +39,7 @@ def read_points(path: str | Path) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{path.name}: unreadable {suffix} file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+        raise UserError(f"{path.name}: unreadable {suffix} file ({first_line(e)}); "
                         f"{ACCEPTED}") from None
     return as_points(arr, path.name)
 
