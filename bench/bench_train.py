@@ -2,10 +2,11 @@
 LlamaForCausalLM holding the same weights, same batch, sequence length, K and L; prints ratios.
 
     .venv/bin/python bench/bench_train.py [--layers 30 10] [--batch 8] [--seq-len 128] [--steps 6] [--compile]
+                                          [--device cpu|cuda]
 
-Each side runs in a subprocess of its own, so its peak RSS is its own: the resident memory is
-sampled every 2 ms during the training steps (after both sides hold one copy of the weights),
-and the peak is reported together with the RSS before training started.
+Each side runs in a subprocess of its own, so its peak memory is its own. On the CPU that is the
+resident memory, sampled every 2 ms during the training steps (after both sides hold one copy of
+the weights); on CUDA it is torch's peak of allocated GPU memory over the timed steps.
 """
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ class PeakRSS:
 
 
 def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int, seq_len: int, steps: int,
-             threads: int, compile_blocks: bool = False) -> dict:
+             threads: int, compile_blocks: bool = False, device: str = "cpu") -> dict:
     """bf16: the frozen base stored in bf16, trainable parameters in fp32, bf16 autocast, on both
-    sides (what train.finetune does by default on CPUs with native bf16)."""
+    sides (what train.finetune does by default on CPUs with native bf16, and on GPUs)."""
     torch.set_num_threads(threads)
     from core.loading import load_model
-    lm = load_model("smollm2", "bfloat16" if precision == "bf16" else "float32", "cpu")
+    lm = load_model("smollm2", "bfloat16" if precision == "bf16" else "float32", device)
     torch.manual_seed(0)
     if side == "ours":
         from core.adapter import Adapter, AdapterConfig
@@ -82,10 +83,11 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.02)
     g = torch.Generator().manual_seed(1)
-    data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g) for _ in range(steps + 3)]
+    data = [torch.randint(100, 40000, (batch, seq_len + 1), generator=g).to(device) for _ in range(steps + 3)]
+    cuda = device.startswith("cuda")
 
     def step(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_of(x)
         loss.backward()
         optimizer.step()
@@ -94,13 +96,17 @@ def one_side(side: str, precision: str, layers: int, prompt_len: int, batch: int
 
     for x in data[:3 if compile_blocks else 1]:  # warm-up (compiling takes more than one step)
         step(x)
-    rss_before = psutil.Process().memory_info().rss
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
     with PeakRSS() as peak:
         started = time.perf_counter()
         for x in data[-steps:]:
-            step(x)
+            step(x)  # loss.item() waits for the GPU each step
         elapsed = time.perf_counter() - started
-    return {"tokens_per_s": steps * batch * seq_len / elapsed, "peak_rss": peak.peak, "rss_before": rss_before,
+    return {"tokens_per_s": steps * batch * seq_len / elapsed, "memory_before": before,
+            "peak_memory": torch.cuda.max_memory_allocated() if cuda else peak.peak,
             "trainable": sum(p.numel() for p in params)}
 
 
@@ -114,19 +120,24 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile our side's blocks (peft's stays eager)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to measure on a GPU")
     p.add_argument("--side", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:  # a child: one side, one configuration
         print(json.dumps(one_side(args.side, args.precision[0], args.layers[0], args.prompt_len, args.batch,
-                                  args.seq_len, args.steps, args.threads, args.compile)))
+                                  args.seq_len, args.steps, args.threads, args.compile, args.device)))
         return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here; use --device cpu")
+    memory = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
     import peft
     import transformers
-    print(f"SmolLM2-135M, {args.threads} threads, batch {args.batch} x {args.seq_len} tokens, K={args.prompt_len}, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"SmolLM2-135M, {where}, batch {args.batch} x {args.seq_len} tokens, K={args.prompt_len}, "
           f"{args.steps} timed steps (forward, backward, AdamW); torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}\n")
-    print("| precision | K | L | trainable (ours / peft) | tok/s ours | tok/s peft | speed ratio | peak RSS ours | "
-          "peak RSS peft | memory ratio |")
+    print(f"| precision | K | L | trainable (ours / peft) | tok/s ours | tok/s peft | speed ratio | {memory} ours | "
+          f"{memory} peft | memory ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for precision, layers in [(p, n) for p in args.precision for n in args.layers]:
         res = {}
@@ -135,14 +146,14 @@ def main():
                                   "--layers", str(layers),
                                   "--prompt-len", str(args.prompt_len), "--batch", str(args.batch),
                                   "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-                                  "--threads", str(args.threads)] + ["--compile"] * args.compile,
+                                  "--threads", str(args.threads), "--device", args.device] + ["--compile"] * args.compile,
                                  capture_output=True, text=True, check=True)
             res[side] = json.loads(out.stdout.strip().splitlines()[-1])
         o, q = res["ours"], res["peft"]
         gib = 1024 ** 3
         print(f"| {precision} | {args.prompt_len} | {layers} | {o['trainable']:,} / {q['trainable']:,} | {o['tokens_per_s']:.0f} | "
-              f"{q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x | {o['peak_rss'] / gib:.2f} GiB | "
-              f"{q['peak_rss'] / gib:.2f} GiB | {o['peak_rss'] / q['peak_rss']:.2f}x |", flush=True)
+              f"{q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x | {o['peak_memory'] / gib:.2f} GiB | "
+              f"{q['peak_memory'] / gib:.2f} GiB | {o['peak_memory'] / q['peak_memory']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
