@@ -97,3 +97,30 @@ def test_shipped_point_encoder_reads_generated_scenes():
         wanted |= {o["shape"] for o in objects} | {o["color"] for o in objects}
         right += found == wanted
     assert right >= 17, right  # 96% of the 400 test scenes when it was trained
+
+
+def test_points_diagnostic_hands_the_bind_network_the_ground_truth_of_the_real_questions(tmp_path):
+    import json
+
+    from train.point_encoder import targets
+    from train.pointclouds import COLORS, write_dataset
+    from train.points_diagnostic import KINDS, SUBJECTS, SceneTruth, write_records
+    write_dataset(tmp_path / "real", n_train=0, n_test=5)
+    path = write_records(tmp_path / "diag", "test", 5, with_question=True)
+    real = [json.loads(line) for line in (tmp_path / "real" / "test.jsonl").read_text().splitlines()]
+    diag = [json.loads(line) for line in path.read_text().splitlines()]
+    # the same questions and answers as the dataset the adapters train on
+    assert [(r["instruction"], r["output"]) for r in diag] == [(r["instruction"], r["output"]) for r in real]
+    named = 0
+    for r, rr in zip(diag, real):
+        vector = SceneTruth().load(tmp_path / "diag" / r["points"]).numpy()
+        objects = scene("test", int(rr["points"].split("/")[1][:5]))[1]
+        assert r["objects"] == len(objects)
+        np.testing.assert_array_equal(vector[:-len(KINDS) - len(SUBJECTS)], targets(objects))
+        kind, subject = np.flatnonzero(vector[-len(KINDS) - len(SUBJECTS):-len(SUBJECTS)]), np.flatnonzero(vector[-len(SUBJECTS):])
+        assert r["instruction"].startswith(KINDS[int(kind[0])]) and len(kind) == len(subject) == 1
+        word = SUBJECTS[int(subject[0])]
+        if word in SHAPES or word in COLORS:  # "What color is the cube?" names the cube
+            assert f" {word}?" in r["instruction"]
+            named += 1
+    assert named >= 5
