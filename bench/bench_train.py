@@ -148,12 +148,13 @@ def main():
         print(json.dumps(one_side(args.side, args.precision[0], args.layers[0], args.prompt_len, args.batch,
                                   args.seq_len, args.steps, args.threads, args.compile, args.device, args.data)))
         return
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here; use --device cpu")
-    memory = "peak GPU memory" if args.device.startswith("cuda") else "peak RSS"
+    memory = "peak GPU memory" if cuda else "peak RSS"
     import peft
     import transformers
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{args.threads} threads"
     shape = f"{args.data}, batches of {args.batch} (tok/s: real tokens)" if args.data else \
         f"random tokens, batch {args.batch} x {args.seq_len}"
     print(f"SmolLM2-135M, {where}, {shape}, K={args.prompt_len}, "

@@ -107,6 +107,11 @@ def questions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, 
     return qa
 
 
+def scene_questions(split: str, i: int, objects: list[dict]) -> list[tuple[str, str]]:
+    """Scene i's questions as the dataset asks them (a seed of their own, beside the scene's)."""
+    return questions(objects, np.random.default_rng(_seed(split, i) + 1))
+
+
 def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["test"]):
     """out/{train,test}/NNNNN.npy (xyz+rgb, float16) and out/{train,test}.jsonl records
     {"points": path, "instruction": question, "output": answer}, paths relative to `out`; and
@@ -117,8 +122,7 @@ def write_dataset(out, n_train: int = SPLITS["train"], n_test: int = SPLITS["tes
         points, objects = scene(split, i)
         name = f"{split}/{i:05d}.npy"
         np.save(out / name, points.astype(np.float16))
-        rng = np.random.default_rng(_seed(split, i) + 1)
-        return [{"points": name, "instruction": q, "output": a} for q, a in questions(objects, rng)]
+        return [{"points": name, "instruction": q, "output": a} for q, a in scene_questions(split, i, objects)]
     write_generated(out, {"train": n_train, "test": n_test}, item, "scenes")
 
 

@@ -21,15 +21,19 @@ import numpy as np
 import torch
 
 from core.encoders import Encoder, register
-from train.pointclouds import COLORS, SHAPES, _seed, questions, scene
+from train.pointclouds import COLORS, SHAPES, scene, scene_questions
 from train.point_encoder import targets
 
 KINDS = ("How many", "What color", "What shape", "Is there")
 SUBJECTS = (*SHAPES, *COLORS, "object", "none")  # what a question names
 
 
+def question_kind(question: str) -> str:
+    return next(k for k in KINDS if question.startswith(k))
+
+
 def question_one_hot(question: str) -> np.ndarray:
-    kind = next(k for k in KINDS if question.startswith(k))
+    kind = question_kind(question)
     named = re.search(r"(?:the|is|a) (\w+)\?$", question)
     subject = named.group(1) if named and named.group(1) in SUBJECTS else "none"
     out = np.zeros(len(KINDS) + len(SUBJECTS), np.float32)
@@ -41,20 +45,21 @@ def write_records(out: Path, split: str, n_scenes: int, with_question: bool, lim
     """out/SPLIT.jsonl: scene i's questions (as train.pointclouds writes them), each pointing to
     out/SPLIT/N.npy, the 1-D vector of ground truth the bind network gets."""
     (out / split).mkdir(parents=True, exist_ok=True)
-    rows = []
+    asked = []  # (the scene's objects, (question, answer))
     for i in range(n_scenes):
         objects = scene(split, i)[1]
-        for question, answer in questions(objects, np.random.default_rng(_seed(split, i) + 1)):
-            vector = targets(objects)
-            if with_question:
-                vector = np.concatenate([vector, question_one_hot(question)])
-            name = f"{split}/{len(rows):06d}.npy"
-            np.save(out / name, vector)
-            rows.append({"points": name, "instruction": question, "output": answer, "objects": len(objects)})
-            if len(rows) == limit:
-                break
-        if len(rows) == limit:
+        asked += [(objects, qa) for qa in scene_questions(split, i, objects)]
+        if limit and len(asked) >= limit:
             break
+    asked = asked[:limit]
+    rows = []
+    for n, (objects, (question, answer)) in enumerate(asked):
+        vector = targets(objects)
+        if with_question:
+            vector = np.concatenate([vector, question_one_hot(question)])
+        np.save(out / f"{split}/{n:06d}.npy", vector)
+        rows.append({"points": f"{split}/{n:06d}.npy", "instruction": question, "output": answer,
+                     "objects": len(objects)})
     path = out / f"{split}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -88,6 +93,7 @@ def main(argv=None):
     from train.evaluate import accuracy
     from core.adapter import load_adapter
     from core.loading import load_model
+    from train.data import load_records
     out = Path(args.out)
     train = write_records(out / "data", "train", args.scenes, args.question)
     test = write_records(out / "data", "test", args.test, args.question, limit=args.test)
@@ -98,14 +104,11 @@ def main(argv=None):
                   + (["--device", args.device] if args.device else []))
     lm = load_model("smollm2", None, args.device)
     load_adapter(out / "adapter.safetensors", lm.model)
-    records = [json.loads(line) for line in test.read_text().splitlines()]
-    for r in records:
-        r["points"] = str(out / "data" / r["points"])
+    records = load_records(str(test))
     acc, pairs = accuracy(lm, records, "alpaca", 64, 6)
     table: dict[tuple[str, int], list[bool]] = {}
     for r, (answer, expected) in zip(records, pairs):
-        kind = next(k for k in KINDS if r["instruction"].startswith(k))
-        table.setdefault((kind, r["objects"]), []).append(answer == expected)
+        table.setdefault((question_kind(r["instruction"]), r["objects"]), []).append(answer == expected)
     print(f"\nground truth{' + question' if args.question else ''}, {args.steps} steps of batch {args.batch_size} "
           f"on {args.scenes} scenes: exact match {acc:.1%} on the first {len(records)} test questions\n")
     print("| question | 1 object | 2 objects | 3 objects |\n|---|---|---|---|")
