@@ -13,7 +13,7 @@ from core.chat_format import render
 from core.errors import UserError
 from core.generation import SamplingParams
 from core.loading import LoadedModel
-from core.multimodal import embed_inputs
+from core.multimodal import embed_inputs, questions_for
 from core.registry import AdapterRegistry
 from core.serving import ChatEngine, Reply, chat_setup
 from train.jobs import JobRunner
@@ -107,8 +107,9 @@ class Studio:
                 raise UserError(f"upload a {kind} file or pick an example first")
             if len(sources) > 1 and weights is None:
                 weights = [1.0] * len(sources)
-            with torch.no_grad():
-                condition = embed_inputs(adapter, sources, kind, weights)
+            with torch.no_grad():  # a question-aware bind network reads this turn's question
+                questions = questions_for(adapter, self.lm.model, self.lm.tokenizer, [messages[-1]["content"]])
+                condition = embed_inputs(adapter, sources, kind, weights, questions=questions)
         fmt, default_system, stops = chat_setup(self.lm, adapter)
         system = system.strip() if system and system.strip() else default_system
         params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),

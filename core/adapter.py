@@ -47,6 +47,7 @@ class AdapterConfig:
     final_norm: bool = False      # the model's last norm trains too (V2 tunes every norm)
     prompt_bind_scales: bool = False  # each prompt takes the bind output through its own per-channel
                                   # scale (see AdaptionPrompt); off: the same addition to every prompt, as ImageBind-LLM
+    bind_question: bool = False   # the bind network reads the question too (core.multimodal.BindNetwork)
 
 
 class AdaptionPrompt(nn.Module):
@@ -158,7 +159,8 @@ class Adapter(nn.Module):
             self.final_norm = nn.Parameter(torch.ones(dim))
         if cfg.encoder:
             from core.multimodal import BindNetwork
-            self.bind = BindNetwork(cfg.encoder_dim, dim, cfg.bind_blocks, cfg.bind_hidden or None, cfg.bind_style)
+            self.bind = BindNetwork(cfg.encoder_dim, dim, cfg.bind_blocks, cfg.bind_hidden or None, cfg.bind_style,
+                                    question_dim=dim if cfg.bind_question else 0)
         self.meta = meta or {}  # what the file says: base model, training summary, ...
         _set_plain(self, "_attached_to", None)
 
@@ -326,10 +328,10 @@ def load_adapter(path: str | os.PathLike, model: Transformer, attach: bool = Tru
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if head[:4] == b"PK\x03\x04":  # a torch zip checkpoint: an official release (V1, ImageBind-LLM)
         adapter = _load_official(path, model)
-    elif head[:1] == b"\x80":
+    elif head[:1] == b"\x80" and head[8:9] != b"{":  # a safetensors header of 128 + 256 k bytes starts with 0x80 too
         raise UserError(f"{path.name} is a raw Python pickle, which is never loaded; accepted: "
                         "a .safetensors adapter, or the official V1 .pth (weights only)")
     else:

@@ -66,7 +66,6 @@ def run(args) -> int:
     from core import parallel
     from core.adapter import load_adapter
     from core.loading import load_model
-    from core.multimodal import FeatureCache, conditioned, embed_inputs
     from core.serving import chat_setup
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -84,26 +83,40 @@ def run(args) -> int:
         rank, _ = parallel.init_model_parallel(device)
         parallel.apply_model_parallel(lm.model)
     inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
-    condition = None
     if (args.weights or args.cache) and not inputs:
         raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: "
                         f"{', '.join('--' + k for k in KINDS)}")
-    if inputs:
-        if not args.adapter:
-            raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
-        if args.encoder_weights:
-            configure_encoder(lm.model.adapter.cfg.encoder or "", weights=args.encoder_weights)
-        with torch.no_grad():
-            weights = args.weights or ([1.0] * len(inputs) if len(inputs) > 1 else None)
-            cache = FeatureCache.from_file(args.cache, k=args.cache_k, temperature=args.cache_t,
-                                           weight=args.cache_weight) if args.cache else None
-            condition = embed_inputs(lm.model.adapter, [f for _, f in inputs], [k for k, _ in inputs], weights, cache)
-    with conditioned(lm.model, condition):
-        return converse(args, lm, rank)
+    condition_for = media_conditions(args, lm, inputs) if inputs else (lambda question: None)
+    return converse(args, lm, rank, condition_for)
 
 
-def converse(args, lm, rank: int) -> int:
+def media_conditions(args, lm, inputs: list[tuple[str, str]]):
+    """question -> what the input files add to the adapter's prompts: encoded once for every
+    question, unless the adapter's bind network reads the question too (then once per question)."""
+    from core.multimodal import FeatureCache, embed_inputs, questions_for
+    if not args.adapter:
+        raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
+    adapter = lm.model.adapter
+    if args.encoder_weights:
+        configure_encoder(adapter.cfg.encoder or "", weights=args.encoder_weights)
+    weights = args.weights or ([1.0] * len(inputs) if len(inputs) > 1 else None)
+    cache = FeatureCache.from_file(args.cache, k=args.cache_k, temperature=args.cache_t,
+                                   weight=args.cache_weight) if args.cache else None
+
+    @torch.no_grad()
+    def condition_for(question: str) -> torch.Tensor:
+        return embed_inputs(adapter, [f for _, f in inputs], [k for k, _ in inputs], weights, cache,
+                            questions_for(adapter, lm.model, lm.tokenizer, [question]))
+    if adapter.cfg.bind_question:
+        return condition_for
+    fixed = condition_for("")
+    return lambda question: fixed
+
+
+def converse(args, lm, rank: int, condition_for) -> int:
+    """`condition_for(question)`: what the input files add to the prompts for that question (None: text only)."""
     from core import parallel
+    from core.multimodal import conditioned
     gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty,
@@ -116,9 +129,10 @@ def converse(args, lm, rank: int) -> int:
         if not args.prompt.strip():
             raise UserError("--prompt is empty; give some text")
         text = render(lm.chat_format, [{"role": "user", "content": args.prompt}], system) if args.chat else args.prompt
-        for delta in gen.stream(text, params):
-            out.write(delta)
-            out.flush()
+        with conditioned(lm.model, condition_for(args.prompt)):
+            for delta in gen.stream(text, params):
+                out.write(delta)
+                out.flush()
         out.write("\n")
         return 0
 
@@ -131,10 +145,11 @@ def converse(args, lm, rank: int) -> int:
             return 0
         history.append({"role": "user", "content": line})
         reply = ""
-        for delta in gen.stream(render(lm.chat_format, history, system), params):
-            reply += delta
-            out.write(delta)
-            out.flush()
+        with conditioned(lm.model, condition_for(line)):  # a question-aware bind network reads this turn's
+            for delta in gen.stream(render(lm.chat_format, history, system), params):
+                reply += delta
+                out.write(delta)
+                out.flush()
         out.write("\n")
         history.append({"role": "assistant", "content": reply.strip()})
 

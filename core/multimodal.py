@@ -38,14 +38,20 @@ class BindBlock(nn.Module):
 class BindNetwork(nn.Module):
     """style "studio": unit-length input, and a zero-initialized per-channel gate on the output.
     "imagebind-llm" / "imagebind-llm-legacy": the official release's layout, to load its file: the
-    encoder's output as it is, no gate (its zero-initialized layer gates start it at the base model)."""
+    encoder's output as it is, no gate (its zero-initialized layer gates start it at the base model).
 
-    def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None, style: str = "studio"):
+    question_dim > 0: question-aware, as InstructBLIP gives its Q-Former the instruction. The input
+    is the encoder's embedding followed by the question's (question_embedding), each unit length, so
+    the network can pass what is asked about ("the cube's colour") rather than the whole scene:
+    added to the prompts, one fixed addition cannot be read differently by different questions."""
+
+    def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None, style: str = "studio",
+                 question_dim: int = 0):
         super().__init__()
         if style not in STYLES:
             raise UserError(f"unknown bind network style {style!r}; accepted: {', '.join(STYLES)}")
-        self.in_dim, self.dim, self.style = in_dim, dim, style
-        self.proj = nn.Linear(in_dim, dim)
+        self.in_dim, self.dim, self.style, self.question_dim = in_dim, dim, style, question_dim
+        self.proj = nn.Linear(in_dim + question_dim, dim)
         self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or dim, style) for _ in range(n_blocks))
         # zero: the untrained path adds nothing. One gate per channel, not one for all: a single
         # scalar's gradient sums many random-signed terms while the bind network is still random,
@@ -53,12 +59,16 @@ class BindNetwork(nn.Module):
         self.gate = nn.Parameter(torch.zeros(dim)) if style == "studio" else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, in_dim) encoder embeddings -> (B, dim) additions to the adaption prompts."""
-        if features.ndim != 2 or features.shape[1] != self.in_dim:
-            raise UserError(f"bind network expects embeddings of shape (batch, {self.in_dim}), "
-                            f"got {tuple(features.shape)}")
+        """(B, in_dim [+ question_dim]) encoder [and question] embeddings -> (B, dim) additions to
+        the adaption prompts."""
+        width = self.in_dim + self.question_dim
+        if features.ndim != 2 or features.shape[1] != width:
+            what = f"{self.in_dim} + {self.question_dim} (embedding + question)" if self.question_dim else self.in_dim
+            raise UserError(f"bind network expects embeddings of shape (batch, {what}), got {tuple(features.shape)}")
         # unit length, as ImageBind's vision embeddings are: the projection sees one scale for any encoder
-        features = F.normalize(features.float(), dim=-1) if self.style == "studio" else features
+        if self.style == "studio":
+            parts = features.split([self.in_dim, self.question_dim], -1) if self.question_dim else [features]
+            features = torch.cat([F.normalize(part.float(), dim=-1) for part in parts], -1)
         x = self.proj(features.to(self.proj.weight.dtype))
         for block in self.blocks:
             x = block(x)
@@ -151,13 +161,35 @@ def conditioned(model: Transformer, condition: torch.Tensor | None):
             prompt.condition = None
 
 
+@torch.no_grad()
+def question_embedding(model: Transformer, tokenizer, questions: list[str]) -> torch.Tensor:
+    """(B, dim): each question as the mean of the LM's own frozen token embeddings over its tokens,
+    what a question-aware bind network reads beside the encoder's embedding (zeros if empty)."""
+    table = model.tok_embeddings
+    full = table.weight.full_tensor() if hasattr(table.weight, "full_tensor") else None  # FSDP shards it
+    rows = []
+    for question in questions:
+        ids = torch.tensor(tokenizer.encode(question, bos=False), dtype=torch.long, device=table.weight.device)
+        vectors = F.embedding(ids, full) if full is not None else table(ids)  # model parallel: its own gather
+        rows.append(vectors.float().mean(0) if len(ids) else vectors.new_zeros(model.args.dim, dtype=torch.float32))
+    return torch.stack(rows)
+
+
+def questions_for(adapter, model: Transformer, tokenizer, questions: list[str]) -> torch.Tensor | None:
+    """question_embedding rows where `adapter`'s bind network reads the question, else None."""
+    reads = adapter is not None and getattr(adapter, "bind", None) is not None and adapter.bind.question_dim
+    return question_embedding(model, tokenizer, questions) if reads else None
+
+
 def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
-                 weights: list[float] | None = None, cache: FeatureCache | None = None) -> torch.Tensor:
+                 weights: list[float] | None = None, cache: FeatureCache | None = None,
+                 questions: torch.Tensor | None = None) -> torch.Tensor:
     """Prompt additions for inputs (files or arrays), through the encoder the adapter was trained
     with and its bind network: (B, dim), one row per input; with `weights`, all the inputs mixed
     into one row (combine) first, e.g. two images at 0.7 and 0.3. `kind`: of every input, or a
     list with one kind per input (an image and a clip, with an encoder that reads both: imagebind).
-    `cache`: the embeddings go through the cache model before the bind network."""
+    `cache`: the embeddings go through the cache model before the bind network. `questions`: (B, dim)
+    or (1, dim) question_embedding rows, which a question-aware bind network reads too."""
     from core.encoders import get_encoder
     name = adapter.cfg.encoder if adapter is not None else None
     if not name:
@@ -170,5 +202,9 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
         features = combine(list(features.split(1)), weights, unit=adapter.bind.style == "studio")
     if cache is not None:
         features = cache(features)
+    if adapter.bind.question_dim:
+        if questions is None:
+            raise UserError("this adapter's bind network reads the question too: ask one with the input")
+        features = torch.cat([features.float(), questions.float().to(features.device).expand(len(features), -1)], -1)
     p = next(adapter.bind.parameters())
     return adapter.bind(features.to(p.device, p.dtype))

@@ -125,7 +125,7 @@ def test_tiny_random_adapter_file_round_trip(tmp_path):
     assert meta["config"] == {"prompt_len": 5, "layers": 3, "bias_scale": True, "norm_tuning": True,
                               "encoder": None, "encoder_dim": 0, "bind_blocks": 2, "bind_hidden": 0,
                               "bind_style": "studio", "lora_rank": 0, "final_norm": False,
-                              "prompt_bind_scales": False}
+                              "prompt_bind_scales": False, "bind_question": False}
     assert meta["base"]["dim"] == 64 and len(meta["base"]["fingerprint"]) == 6
     assert meta["training"]["steps"] == 7 and meta["format_version"] == 1
     load_adapter(path, model)
@@ -250,3 +250,17 @@ def test_tiny_random_cpu_decode_layout_fuses_and_falls_back_when_v2_wraps_linear
     # unfreezing a fused weight for training turns fusion off, so its gradient is not lost
     attn.wq.weight.requires_grad_(True)
     assert not still_fused((attn.wq, attn.wk, attn.wv), attn.wqkv)
+
+
+def test_tiny_random_adapter_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors file begins with its header's length: 128 + 256 k bytes begins with 0x80, as a pickle does."""
+    model = tiny_random_model()
+    adapter = Adapter.create(model, AdapterConfig(2, 1))
+    path = tmp_path / "a.safetensors"
+    for pad in range(256):  # the header grows with the metadata: find a length whose low byte is 0x80
+        adapter.meta = {"note": "x" * pad}
+        save_adapter(adapter, path, model)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_adapter(path, model).meta["note"] == adapter.meta["note"]

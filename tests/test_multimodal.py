@@ -182,3 +182,50 @@ def test_tiny_random_stage_two_starts_from_stage_one_and_adds_v2_tuning(tmp_path
     biases = [p for n, p in two.named_parameters() if ".bias." in n and not n.startswith("bind")]
     assert biases and any(b.abs().max() > 0 for b in biases)  # the V2 biases trained
     two.detach()
+
+
+def test_tiny_random_question_aware_bind_network_reads_each_question_with_the_input(tmp_path, capsys):
+    """--bind-question: the bind network's input is the encoder's embedding and the question's
+    (the mean of the LM's token embeddings), so two questions about one cloud get two conditions;
+    it trains through train.finetune, travels in the file and answers in evaluate and the CLI."""
+    from core import generate
+    from core.adapter import load_adapter
+    from core.multimodal import embed_inputs, question_embedding
+    from train.evaluate import accuracy
+    from train.finetune import parse_args, run
+    lm = tiny_points_setup(tmp_path, "tiny-random-points-q", n_train=8, n_test=2)
+    questions = ["What color is the cube?", "What shape is red?"]
+    ids = lm.tokenizer.encode(questions[0], bos=False)
+    torch.testing.assert_close(question_embedding(lm.model, lm.tokenizer, questions)[0],
+                               lm.model.tok_embeddings.weight[ids].float().mean(0))
+    out = tmp_path / "run"
+    common = ["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "points" / "train.jsonl"),
+              "--encoder", "tiny-random-points-q", "--layers", "2", "--prompt-len", "4", "--batch-size", "8",
+              "--lr", "0.05", "--epochs", "2", "--warmup-epochs", "0", "--precision", "fp32", "--bind-question"]
+    adapter = run(parse_args([*common, "--out", str(out)]), lm)
+    assert adapter.cfg.bind_question and adapter.bind.proj.in_features == 32 + lm.model.args.dim
+    adapter.detach()
+    loaded = load_adapter(out / "adapter.safetensors", lm.model)
+    assert loaded.cfg.bind_question
+    torch.testing.assert_close(loaded.bind.proj.weight, adapter.bind.proj.weight)
+    cloud = str(tmp_path / "points" / json.loads((tmp_path / "points" / "test.jsonl").read_text().splitlines()[0])["points"])
+    with torch.no_grad():
+        loaded.bind.gate.fill_(1.0)
+        a, b = (embed_inputs(loaded, [cloud], "points", questions=question_embedding(lm.model, lm.tokenizer, [q]))
+                for q in questions)
+        again = embed_inputs(loaded, [cloud], "points", questions=question_embedding(lm.model, lm.tokenizer, questions[:1]))
+    assert not torch.allclose(a, b, atol=1e-4) and torch.equal(a, again)
+    with pytest.raises(UserError, match="reads the question"):
+        embed_inputs(loaded, [cloud], "points")
+    records = [json.loads(line) for line in (tmp_path / "points" / "test.jsonl").read_text().splitlines()]
+    for r in records:
+        r["points"] = str(tmp_path / "points" / r["points"])
+    acc, pairs = accuracy(lm, records, "alpaca", max_new_tokens=4)
+    assert len(pairs) == len(records)
+    loaded.detach()
+    assert generate.main(["--model", str(tmp_path / "hf"), "--adapter", str(out / "adapter.safetensors"),
+                          "--points", cloud, "--prompt", questions[0], "--max-new-tokens", "3"]) == 0
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    with pytest.raises(UserError, match="--bind-question needs image, audio or points records"):
+        run(parse_args([*common[:3], str(text), *common[4:], "--out", str(tmp_path / "text")]), lm)

@@ -180,12 +180,21 @@ def media_of(record: dict) -> tuple[str, str] | None:
     return (kind, record[kind]) if kind else None
 
 
+def question_of(record: dict) -> str:
+    """What a record asks about its input: the instruction (and its input), or the last user message."""
+    if "messages" in record:
+        return next((m["content"] for m in reversed(record["messages"]) if m["role"] == "user"), "")
+    return "\n\n".join(t for t in (record["instruction"], record.get("input", "")) if t)  # as the chat turn
+
+
 @dataclass
 class Example:
     tokens: list[int]
     loss_mask: list[bool]  # True where the token is part of a response (a training target)
     media: tuple[str, str] | None = None  # (kind, path) of a multimodal record's input
-    features: torch.Tensor | None = None  # its encoder embedding, computed once (embed_media)
+    features: torch.Tensor | None = None  # its encoder embedding, computed once (embed_media), then
+                                          # for a question-aware bind network its question's (add_questions)
+    question: str = ""  # question_of(record)
 
 
 def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system: str | None = None,
@@ -217,7 +226,7 @@ def tokenize_record(record: dict, tokenizer: Tokenizer, chat_format: str, system
         mask.append(True)
     if max_seq_len:
         tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-    return Example(tokens, mask, media_of(record))
+    return Example(tokens, mask, media_of(record), question=question_of(record))
 
 
 def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=None) -> list[Example]:
@@ -251,6 +260,16 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
     for e in examples:
         e.features = cache[tuple(e.media)]
     return name
+
+
+def add_questions(examples: list[Example], model, tokenizer):
+    """For a question-aware bind network: each multimodal example's embedding followed by its
+    question's (core.multimodal.question_embedding), each distinct question embedded once."""
+    from core.multimodal import question_embedding
+    texts = sorted({e.question for e in examples})
+    table = dict(zip(texts, question_embedding(model, tokenizer, texts).cpu()))
+    for e in examples:
+        e.features = torch.cat([e.features.float(), table[e.question]])
 
 
 def batch_features(examples: list[Example]) -> torch.Tensor | None:

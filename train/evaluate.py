@@ -21,8 +21,8 @@ from core.errors import UserError
 from core.generation import Generator, SamplingParams
 from core.loading import LoadedModel, load_model
 from core.encoders import KINDS
-from core.multimodal import conditioned, embed_inputs
-from train.data import embed_media, load_records, media_of, tokenize_records
+from core.multimodal import conditioned, embed_inputs, questions_for
+from train.data import add_questions, embed_media, load_records, media_of, question_of, tokenize_records
 from train.loss import summed_loss
 from train.tasks import TASKS, answer_of, task_records
 
@@ -47,6 +47,8 @@ def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: 
     examples = tokenize_records(records, lm.tokenizer, fmt, lm.system_prompt)
     adapter = getattr(lm.model, "adapter", None)
     embed_media(examples, adapter.cfg.encoder if adapter is not None else None)
+    if adapter is not None and adapter.cfg.bind_question:
+        add_questions(examples, lm.model, lm.tokenizer)
     total, count = summed_loss(lm.model, examples, batch_size, lm.model.tok_embeddings.weight.device)
     return (total / count).item()
 
@@ -58,11 +60,12 @@ def accuracy(lm: LoadedModel, records: list[dict], fmt: str, batch_size: int = 1
     lm = dataclasses.replace(lm, chat_format=fmt)  # stop tokens and strings follow the prompt format
     gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=lm.stop_texts)
-    pairs = []
+    pairs, adapter = [], getattr(lm.model, "adapter", None)
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         media = [media_of(r) for r in chunk]
-        condition = embed_inputs(lm.model.adapter, [m[1] for m in media], [m[0] for m in media]) if media[0] else None
+        condition = embed_inputs(adapter, [m[1] for m in media], [m[0] for m in media], questions=questions_for(
+            adapter, lm.model, lm.tokenizer, [question_of(r) for r in chunk])) if media[0] else None
         with conditioned(lm.model, condition):
             replies = gen.generate([prompt_text(r, fmt, lm.system_prompt) for r in chunk], params)
         pairs += [(answer_of(reply), r["output"]) for reply, r in zip(replies, chunk)]

@@ -37,7 +37,7 @@ from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.loading import LoadedModel, cpu_has_fast_bf16, default_device, load_model
 from core.parallel import apply_fsdp
-from train.data import (batch_features, collate, embed_media, length_grouped_batches, load_records, rank_share,
+from train.data import (add_questions, batch_features, collate, embed_media, length_grouped_batches, load_records, rank_share,
                         tokenize_records)
 from train.loss import response_loss, summed_loss
 
@@ -57,11 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--bias-scale", action="store_true", help="V2: bias and scale on the linears")
     a.add_argument("--norm-tuning", action="store_true", help="V2: the adapted layers' norms train")
     a.add_argument("--encoder", help="for image/audio/points records: the encoder by name (default: "
-                   "efficientnet-lite0, whisper-tiny, pointnet; imagebind reads images and audio into one space; "
-                   "openclip:ARCH:PRETRAINED_OR_PATH)")
+                   "efficientnet-lite0, whisper-tiny, pointnet; pointnet-readings gives its heads' probabilities; "
+                   "imagebind reads images and audio into one space; openclip:ARCH:PRETRAINED_OR_PATH)")
     a.add_argument("--prompt-bind-scales", action="store_true",
                    help="each adaption prompt scales the bind output by its own learned per-channel weights, so "
                    "questions can pick parts of the input (not in ImageBind-LLM: it adds one vector to every prompt)")
+    a.add_argument("--bind-question", action="store_true",
+                   help="the bind network reads the question too (the mean of its token embeddings), so it passes "
+                   "what is asked about the input, as InstructBLIP's Q-Former (not in ImageBind-LLM)")
     a.add_argument("--encoder-weights", metavar="PATH", help="the encoder's checkpoint (imagebind: imagebind_huge.pth)")
     a.add_argument("--init", metavar="ADAPTER", help="stage two (ImageBind-LLM, V2): start from this adapter's prompts, "
                    "gates and bind network (its K, L and encoder); add --bias-scale / --norm-tuning to tune those too")
@@ -221,7 +224,9 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
     cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim,
-                        prompt_bind_scales=args.prompt_bind_scales)
+                        prompt_bind_scales=args.prompt_bind_scales, bind_question=args.bind_question)
+    if args.bind_question and not encoder:
+        raise UserError("--bind-question needs image, audio or points records: text-only records have no bind network")
     stage_one = None
     if args.init:  # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
         stage_one = load_adapter(args.init, model, attach=False)
@@ -230,6 +235,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
                             f"these records {encoder or 'text only'}")
         cfg = dataclasses.replace(stage_one.cfg, bias_scale=stage_one.cfg.bias_scale or args.bias_scale,
                                   norm_tuning=stage_one.cfg.norm_tuning or args.norm_tuning)
+    if cfg.bind_question:
+        add_questions(examples + val_examples, model, tok)
     adapter = Adapter.create(model, cfg)
     if stage_one is not None:
         missing = adapter.load_state_dict(stage_one.state_dict(), strict=False).missing_keys

@@ -174,13 +174,19 @@ class PointNetEncoder(Encoder):
         return self.net(torch.from_numpy(np.stack(inputs)).float())
 
     @torch.no_grad()
+    def readings(self, inputs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' probabilities: (B, 3) of 1, 2 or 3 objects, and (B, shapes + colours +
+        shapes x colours) of each being present."""
+        count, multi = self.heads(self.net(torch.from_numpy(np.stack(inputs)).float()))
+        return count.softmax(-1), multi.sigmoid()
+
+    @torch.no_grad()
     def labels(self, inputs: list, k: int = 5):
         """The heads' reading of each cloud: its object count, then the shapes and colours they
         find present, with probabilities."""
         if self.heads is None:
             return None
-        count, multi = self.heads(self.embed(inputs))
-        count, multi = count.softmax(-1), multi.sigmoid()
+        count, multi = self.readings(inputs)
         out = []
         for c, m in zip(count, multi):
             n = int(c.argmax())
@@ -189,3 +195,21 @@ class PointNetEncoder(Encoder):
             found += sorted(((names[j], float(m[j])) for j in range(len(names)) if m[j] > 0.5), key=lambda t: -t[1])
             out.append(found[:k + 1])
         return out
+
+
+@register("pointnet-readings")
+class PointReadingsEncoder(PointNetEncoder):
+    """The point encoder's heads' reading of the scene as its embedding: the count's and every
+    shape's, colour's and shape-colour pair's probability. Which shape has which colour is a
+    plain number here, where the 384-d embedding holds it only for a nonlinear head to find."""
+    name = "pointnet-readings"
+
+    def __init__(self, weights: str | Path = WEIGHTS):
+        super().__init__(weights)
+        if self.heads is None:
+            raise UserError(f"{Path(weights).name} has no heads to read; make it with `python -m train.point_encoder`")
+        self.dim = 3 + self.heads.multi[-1].out_features
+
+    @torch.no_grad()
+    def embed(self, inputs: list) -> torch.Tensor:
+        return torch.cat(self.readings(inputs), -1)
