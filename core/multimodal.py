@@ -43,7 +43,12 @@ class BindNetwork(nn.Module):
     question_dim > 0: question-aware, as InstructBLIP gives its Q-Former the instruction. The input
     is the encoder's embedding followed by the question's (question_embedding), each unit length, so
     the network can pass what is asked about ("the cube's colour") rather than the whole scene:
-    added to the prompts, one fixed addition cannot be read differently by different questions."""
+    added to the prompts, one fixed addition cannot be read differently by different questions.
+    The two meet by a product, tanh(proj x) * tanh(question_proj q), the low-rank bilinear fusion of
+    VQA models (Kim et al., 2017): "the colour of the cube" is a row of the shape-by-colour readings
+    picked by the question, which a product gives at once and a projection of the two concatenated
+    learned only slowly (a bind network + classifier on the points readings, 1,500 steps: 88% against
+    36% on which-object questions; README)."""
 
     def __init__(self, in_dim: int, dim: int, n_blocks: int = 2, hidden_dim: int | None = None, style: str = "studio",
                  question_dim: int = 0):
@@ -51,7 +56,8 @@ class BindNetwork(nn.Module):
         if style not in STYLES:
             raise UserError(f"unknown bind network style {style!r}; accepted: {', '.join(STYLES)}")
         self.in_dim, self.dim, self.style, self.question_dim = in_dim, dim, style, question_dim
-        self.proj = nn.Linear(in_dim + question_dim, dim)
+        self.proj = nn.Linear(in_dim, dim)
+        self.question_proj = nn.Linear(question_dim, dim) if question_dim else None
         self.blocks = nn.ModuleList(BindBlock(dim, hidden_dim or dim, style) for _ in range(n_blocks))
         # zero: the untrained path adds nothing. One gate per channel, not one for all: a single
         # scalar's gradient sums many random-signed terms while the bind network is still random,
@@ -69,7 +75,12 @@ class BindNetwork(nn.Module):
         if self.style == "studio":
             parts = features.split([self.in_dim, self.question_dim], -1) if self.question_dim else [features]
             features = torch.cat([F.normalize(part.float(), dim=-1) for part in parts], -1)
-        x = self.proj(features.to(self.proj.weight.dtype))
+        features = features.to(self.proj.weight.dtype)
+        if self.question_proj is None:
+            x = self.proj(features)
+        else:
+            embedding, question = features.split([self.in_dim, self.question_dim], -1)
+            x = torch.tanh(self.proj(embedding)) * torch.tanh(self.question_proj(question))
         for block in self.blocks:
             x = block(x)
         return torch.tanh(self.gate) * x if self.gate is not None else x

@@ -246,12 +246,21 @@ def ask_in_tab(page, kind, tab, example, question, shot_name, shown) -> str:
     while shown not in side_panel(page, kind):
         assert time.time() < deadline, side_panel(page, kind)
         time.sleep(0.25)
+    return ask_again(page, kind, question, shot_name)
+
+
+def ask_again(page, kind, question, shot_name=None) -> str:
+    """Ask in a media tab about the input already there (a follow-up); the new streamed answer's text."""
+    replies = f"document.querySelectorAll('#{kind}-chat .message.bot')"
+    before = page.evaluate(f"() => {replies}.length")
     box = page.locator(f"#{kind}-message textarea")
     box.fill(question)
     box.press("Enter")
-    page.wait_for_function(f"() => document.querySelector('#{kind}-chat').innerText.includes('tok/s')",
+    page.wait_for_function(f"() => {{ const bots = {replies}; "
+                           f"return bots.length > {before} && bots[bots.length - 1].innerText.includes('tok/s'); }}",
                            timeout=120_000)
-    shot(page, shot_name)
+    if shot_name:
+        shot(page, shot_name)
     reply = page.locator(f"#{kind}-chat .message.bot").last.inner_text()
     assert f"adapter: {kind}" in reply
     return reply.split("tokens ·")[0].rsplit("\n", 1)[0].strip()
@@ -265,15 +274,22 @@ def test_point_cloud_tab_shows_an_example_in_3d_and_answers(page):
     assert answer.startswith("1"), answer
 
 
+def test_point_cloud_tab_reads_each_follow_up_question_about_a_scene(page):
+    """The shipped points adapter's bind network reads the question, so each turn about one
+    three-object scene gets the object it names (blue torus, yellow cone, red pyramid). ("What
+    shape is red?" is its weak kind, 76% on three-object scenes, and misses here after a first turn.)"""
+    answer = ask_in_tab(page, "points", "Point Cloud", "blue-torus-and-yellow-cone-and-red-pyramid",
+                        "What color is the cone?", "7b-point-cloud-three-objects", shown="3 objects")
+    assert answer.startswith("yellow"), answer
+    assert ask_again(page, "points", "What color is the torus?").startswith("blue")
+    assert ask_again(page, "points", "What color is the pyramid?").startswith("red")
+    assert ask_again(page, "points", "Is there a cube?").startswith("no")
+
+
 def test_image_tab_answers_about_an_example_with_imagenet_labels(page):
     answer = ask_in_tab(page, "image", "Image", "red-triangle", "What shape is in the image?", "8-image", shown="%")
     assert answer.startswith("triangle"), answer
-    box = page.locator("#image-message textarea")  # a follow-up about the same image
-    box.fill("What color is the shape?")
-    box.press("Enter")
-    page.wait_for_function("() => { const bots = document.querySelectorAll('#image-chat .message.bot'); "
-                           "return bots.length == 2 && bots[1].innerText.includes('tok/s'); }", timeout=120_000)
-    assert page.locator("#image-chat .message.bot").last.inner_text().startswith("red")
+    assert ask_again(page, "image", "What color is the shape?").startswith("red")  # the same image
 
 
 def test_audio_tab_plays_an_example_and_answers(page):

@@ -203,11 +203,11 @@ def test_tiny_random_question_aware_bind_network_reads_each_question_with_the_in
               "--encoder", "tiny-random-points-q", "--layers", "2", "--prompt-len", "4", "--batch-size", "8",
               "--lr", "0.05", "--epochs", "2", "--warmup-epochs", "0", "--precision", "fp32", "--bind-question"]
     adapter = run(parse_args([*common, "--out", str(out)]), lm)
-    assert adapter.cfg.bind_question and adapter.bind.proj.in_features == 32 + lm.model.args.dim
+    assert adapter.cfg.bind_question and adapter.bind.question_proj.in_features == lm.model.args.dim
     adapter.detach()
     loaded = load_adapter(out / "adapter.safetensors", lm.model)
     assert loaded.cfg.bind_question
-    torch.testing.assert_close(loaded.bind.proj.weight, adapter.bind.proj.weight)
+    torch.testing.assert_close(loaded.bind.question_proj.weight, adapter.bind.question_proj.weight)
     cloud = str(tmp_path / "points" / json.loads((tmp_path / "points" / "test.jsonl").read_text().splitlines()[0])["points"])
     with torch.no_grad():
         loaded.bind.gate.fill_(1.0)
