@@ -71,16 +71,15 @@ class BindNetwork(nn.Module):
         if features.ndim != 2 or features.shape[1] != width:
             what = f"{self.in_dim} + {self.question_dim} (embedding + question)" if self.question_dim else self.in_dim
             raise UserError(f"bind network expects embeddings of shape (batch, {what}), got {tuple(features.shape)}")
+        parts = features.split([self.in_dim, self.question_dim], -1) if self.question_dim else [features]
         # unit length, as ImageBind's vision embeddings are: the projection sees one scale for any encoder
         if self.style == "studio":
-            parts = features.split([self.in_dim, self.question_dim], -1) if self.question_dim else [features]
-            features = torch.cat([F.normalize(part.float(), dim=-1) for part in parts], -1)
-        features = features.to(self.proj.weight.dtype)
+            parts = [F.normalize(part.float(), dim=-1) for part in parts]
+        embedding, *question = (part.to(self.proj.weight.dtype) for part in parts)
         if self.question_proj is None:
-            x = self.proj(features)
+            x = self.proj(embedding)
         else:
-            embedding, question = features.split([self.in_dim, self.question_dim], -1)
-            x = torch.tanh(self.proj(embedding)) * torch.tanh(self.question_proj(question))
+            x = torch.tanh(self.proj(embedding)) * torch.tanh(self.question_proj(question[0]))
         for block in self.blocks:
             x = block(x)
         return torch.tanh(self.gate) * x if self.gate is not None else x
