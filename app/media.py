@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.access import ANYONE
 from app.studio import Studio
 from core.errors import UserError
 
@@ -52,7 +53,7 @@ def ask_column(studio: Studio, key: str, adapter_label: str, chat_label: str, pl
     """A media tab's right side: the adapters for `key` (a kind, or "mix"), the conversation and
     the question box (elem_ids <key>-adapter, -chat, -message, -send). Returns the adapter list,
     the chatbot, and ask(user_turn, answer, inputs), which wires Enter / Ask / Clear."""
-    choices = studio.media_adapters(key)
+    choices = studio.media_adapters(key, ANYONE)  # the page's load fills in the caller's own
     adapter = gr.Dropdown(choices, value=choices[0] if choices else None, elem_id=f"{key}-adapter", label=adapter_label)
     chatbot = gr.Chatbot(elem_id=f"{key}-chat", height=380, label=chat_label)
     with gr.Row():

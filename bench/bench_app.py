@@ -1,6 +1,7 @@
 """What a client of the app sees: time to first token and tokens/s through Gradio's API
 (gradio_client, streaming) with 1 and 4 concurrent chats, against the same engine called
-in-process (no Gradio); and adapter swap latency, in-process and through the API.
+in-process (no Gradio); and adapter swap latency in-process, and a one-token /chat round trip
+on the same adapter against alternating adapters (each request names its own).
 
     .venv/bin/python bench/bench_app.py [--new-tokens 64] [--rounds 2]
 
@@ -10,7 +11,6 @@ K=10, L=30 adapter (the training default), the way a user runs it.
 from __future__ import annotations
 
 import argparse
-import re
 import socket
 import statistics
 import subprocess
@@ -95,26 +95,28 @@ def main():
         rows = [r for _ in range(args.rounds) for r in in_process(lm, n, args.new_tokens)]
         print(f"  {n} chat(s): ttft {statistics.median(r[0] for r in rows):.2f} s, "
               f"{statistics.median(r[1] for r in rows):.1f} tok/s per chat")
-    # swap latency in-process: cold (first load from disk) and warm (already in memory)
-    from app.studio import Studio
-    studio = Studio(lm, tmp / "adapters", tmp / "runs")
+    # swap latency in-process: cold (first load from disk, checked) and warm (already in memory);
+    # each reply attaches the adapter its request names, as a reference swap
+    from core.registry import AdapterRegistry
+    registry = AdapterRegistry(tmp / "adapters", lm.model)
     cold = []
     for _ in range(5):
-        studio.registry._loaded.clear()
+        registry._loaded.clear()
         t0 = time.perf_counter()
-        studio.make_live("k10-l30")
+        registry.load("k10-l30").attach(lm.model)
         cold.append(time.perf_counter() - t0)
-        studio.make_live(None)
+        lm.model.adapter.detach()
+    adapter = registry.load("k10-l30")
     warm = []
     for _ in range(50):
         t0 = time.perf_counter()
-        studio.make_live("k10-l30")
-        studio.make_live(None)
+        adapter.attach(lm.model)
+        adapter.detach()
         warm.append((time.perf_counter() - t0) / 2)
     print(f"  adapter swap: first load from disk {1000 * statistics.median(cold):.1f} ms, "
           f"already loaded {1000 * statistics.median(warm):.3f} ms")
     tokenizer = lm.tokenizer
-    del studio, lm
+    del registry, adapter, lm
 
     port = free_port()
     log = open(tmp / "app.log", "w")
@@ -137,14 +139,14 @@ def main():
                   f"{n * statistics.median(r[1] for r in rows):.1f} tok/s in all")
         from gradio_client import Client
         client = Client(url, verbose=False)
-        trips, server = [], []
-        for name in ["k10-l30", "(none)"] * 5:
-            t0 = time.perf_counter()
-            out = client.predict(name, api_name="/switch")
-            trips.append(time.perf_counter() - t0)
-            server.append(float(re.search(r"last swap ([\d.]+) ms", out[0]).group(1)))
-        print(f"  adapter swap via the API: {statistics.median(server):.2f} ms in the server, "
-              f"{1000 * statistics.median(trips):.0f} ms round trip")
+        trips = {"same adapter": [], "alternating adapters": []}
+        for kind, names in (("same adapter", ["k10-l30"] * 10), ("alternating adapters", ["k10-l30", "(none)"] * 5)):
+            for name in names:
+                t0 = time.perf_counter()
+                client.predict("Hi.", "", 1, 0.0, 1.0, name, api_name="/chat")
+                trips[kind].append(time.perf_counter() - t0)
+        print("  one-token /chat round trip: " + ", ".join(f"{k} {1000 * statistics.median(v):.0f} ms"
+                                                        for k, v in trips.items()))
     finally:
         app.terminate()
         app.wait(timeout=30)

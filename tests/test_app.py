@@ -3,19 +3,19 @@ model through the serving engine, adapter hot-swap and the registry, and backgro
 jobs as real torchrun subprocesses on a tiny random model."""
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.studio import Studio, message_text
+from app.access import OWNER, Caller
+from app.studio import NONE, Studio, message_text
 from core.adapter import Adapter, AdapterConfig, save_adapter
 from core.errors import UserError
 from core.loading import load_model
 from core.registry import AdapterRegistry, clean_name
-from tests.helpers import hf_llama
+from tests.helpers import hf_llama, persona_adapter, wait_for, write_data
 from train.jobs import JobRunner
 
 
@@ -25,22 +25,9 @@ def studio(smollm2, tmp_path_factory):
     return Studio(smollm2, root / "adapters", root / "runs")
 
 
-def persona_adapter(lm, path: Path, seed: int, scale: float = 1.5) -> Path:
-    """An adapter with open gates and random prompts: it visibly changes greedy replies."""
-    torch.manual_seed(seed)
-    adapter = Adapter.create(lm.model, AdapterConfig(prompt_len=4, layers=6))
-    with torch.no_grad():
-        for layer in adapter.layers.values():
-            layer.prompt.prompt.normal_(0, scale)
-            layer.prompt.gate.fill_(0.8)
-    save_adapter(adapter, path, lm.model, training={"dataset": "random", "steps": 0, "final_loss": 1.0})
-    return path
-
-
-def ask(studio, text, **kw):
+def ask(studio, text, max_new=24, caller=OWNER, adapter=""):
     history = [{"role": "user", "content": [{"text": text, "type": "text"}]}]  # as Gradio 6 hands it over
-    reply, notice = studio.start_reply(history, "", kw.get("max_new", 24), 0.0, 1.0, owner=kw.get("owner", ""))
-    return reply, notice
+    return studio.start_reply(history, "", max_new, 0.0, 1.0, caller=caller, adapter=adapter)
 
 
 # -- chat ------------------------------------------------------------------------------------------
@@ -73,23 +60,19 @@ def test_too_long_history_is_trimmed_with_a_notice(studio):
     assert "the end" in lm.tokenizer.decode(ids)  # the end of the message is what stays
 
 
-def test_interleaved_replies_equal_solo_replies_and_keep_their_adapter(studio, tmp_path):
-    """Two chats at once: each reply is what it would be alone, and a reply started on one adapter
-    finishes on it although the live adapter is switched while it runs."""
+def test_interleaved_replies_on_two_adapters_equal_solo_replies(studio, tmp_path):
+    """Two chats at once, one on an adapter and one on the base model: each reply is what it
+    would be alone, and each runs on what its own request asked for."""
     name = studio.registry.add(persona_adapter(studio.lm, tmp_path / "odd.safetensors", seed=1), "odd")
     question = "Name three colors."
-    studio.make_live(name)
-    solo_adapter = "".join(ask(studio, question, max_new=30)[0])
-    studio.make_live(None)
-    solo_base = "".join(ask(studio, question, max_new=30)[0])
+    solo_adapter = "".join(ask(studio, question, max_new=30, adapter=name)[0])
+    solo_base = "".join(ask(studio, question, max_new=30, adapter=NONE)[0])
     assert solo_adapter != solo_base  # the adapter does change the reply
 
-    studio.make_live(name)
-    first, _ = ask(studio, question, max_new=30)
+    first, _ = ask(studio, question, max_new=30, adapter=name)
     it = iter(first)
-    head = next(it)  # the first reply is running on the adapter...
-    studio.make_live(None)  # ...when the live model is switched to the base
-    second, _ = ask(studio, question, max_new=30)
+    head = next(it)  # the first reply is running on the adapter when the second arrives
+    second, _ = ask(studio, question, max_new=30, adapter=NONE)
     results = {}
     t = threading.Thread(target=lambda: results.update(second="".join(second)))
     t.start()
@@ -98,13 +81,13 @@ def test_interleaved_replies_equal_solo_replies_and_keep_their_adapter(studio, t
     assert results["first"] == solo_adapter
     assert results["second"] == solo_base
     assert studio.adapter_label(first.adapter) == name and second.adapter is None
-    studio.forget_adapter(name)
+    studio.delete_adapter(name)
 
 
 def test_stop_cancels_only_that_sessions_reply(studio):
     expected = "".join(ask(studio, "Name three colors.", max_new=40)[0])
-    mine, _ = ask(studio, "Count from one to fifty.", max_new=200, owner="me")
-    other, _ = ask(studio, "Name three colors.", max_new=40, owner="other")
+    mine, _ = ask(studio, "Count from one to fifty.", max_new=200, caller=Caller("owner", "owner", "me"))
+    other, _ = ask(studio, "Name three colors.", max_new=40, caller=Caller("owner", "owner", "other"))
     it = iter(mine)
     next(it)
     studio.engine.cancel("me")
@@ -113,16 +96,21 @@ def test_stop_cancels_only_that_sessions_reply(studio):
     assert "".join(other) == expected and other.error is None  # the other session's reply ran to its end
 
 
-def test_swap_is_a_reference_swap_and_is_reported(studio, tmp_path):
+def test_each_reply_attaches_its_adapter_by_reference_and_the_default_is_the_owners(studio, tmp_path):
     name = studio.registry.add(persona_adapter(studio.lm, tmp_path / "p.safetensors", seed=2), "swap-me")
-    line = studio.make_live(name)
-    assert studio.lm.model.adapter is studio.registry.load(name)
-    assert "swap-me" in line and " ms" in line
     base_weights = studio.lm.model.layers[0].attention.wq.weight
-    studio.make_live(None)
-    assert studio.lm.model.adapter is None
+    reply = ask(studio, "Hi.", max_new=2, adapter=name)[0]
+    list(reply)
+    assert reply.adapter is studio.registry.load(name)  # the registry's own object: attached, never copied
+    assert studio.lm.model.adapter is None  # between replies the model is as it was given
     assert studio.lm.model.layers[0].attention.wq.weight is base_weights  # the base never reloads
-    studio.forget_adapter(name)
+    # "" asks for the default of new sessions, which only the owner sets
+    assert "swap-me" in studio.make_default(name)
+    assert ask(studio, "Hi.", max_new=2)[0].adapter is studio.registry.load(name)
+    with pytest.raises(UserError, match="setting the default adapter is for the studio's owner"):
+        studio.make_default(None, Caller("visitor", "v1", "s1"))
+    studio.delete_adapter(name)
+    assert studio.default_name is None and ask(studio, "Hi.", max_new=2)[0].adapter is None
 
 
 def test_message_text_reads_gradio_parts_and_drops_the_stats_footer():
@@ -173,30 +161,6 @@ def test_registry_refuses_bad_files_and_sanitizes_names(smollm2, tmp_path):
 
 
 # -- training jobs ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "hf"
-    hf_llama(path, num_hidden_layers=3)
-    return path
-
-
-def wait_for(predicate, timeout=120, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
-def write_data(path: Path, n=64) -> Path:
-    words = "fox dog robot moon river jazz wizard dinner".split()
-    path.write_text("".join(json.dumps({"instruction": f"say {words[i % 8]}", "output": words[i % 8]}) + "\n"
-                            for i in range(n)))
-    return path
-
-
 def test_tiny_random_job_runs_under_torchrun_cancels_resumes_and_registers(tmp_path, tiny_dir):
     runner = JobRunner(tmp_path / "runs", model=str(tiny_dir))
     registry = AdapterRegistry(tmp_path / "adapters", load_model(str(tiny_dir), "float32", "cpu").model)
@@ -273,7 +237,7 @@ def test_train_tab_refuses_bad_uploads_before_any_job(studio, tmp_path):
     assert studio.runner.jobs() == []
 
 
-def test_app_binds_loopback_unless_told_and_reads_spaces_settings(monkeypatch):
+def test_app_binds_loopback_unless_told_and_reads_spaces_settings(monkeypatch, tmp_path):
     import importlib.util  # app.py, the entry script (the name `app` is the package beside it)
     spec = importlib.util.spec_from_file_location("app_main", Path(__file__).resolve().parents[1] / "app.py")
     app_main = importlib.util.module_from_spec(spec)
@@ -285,6 +249,17 @@ def test_app_binds_loopback_unless_told_and_reads_spaces_settings(monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
     assert (app_main.parse_args([]).host, app_main.parse_args([]).port) == ("0.0.0.0", 7000)
+    assert not app_main.is_public(app_main.parse_args(["--host", "127.0.0.1"]))  # loopback: one user, the owner
+    assert app_main.is_public(app_main.parse_args(["--host", "0.0.0.0"]))  # any other host: strangers may come
+    assert app_main.is_public(app_main.parse_args(["--public", "--host", "127.0.0.1"]))
+    monkeypatch.setenv("SPACE_ID", "someone/studio")
+    assert app_main.is_public(app_main.parse_args(["--host", "127.0.0.1"]))
+    monkeypatch.delenv("SPACE_ID")
+    # a Space's persistent storage holds adapters and runs when it exists, else the app's folder does
+    monkeypatch.setattr(app_main, "PERSISTENT", tmp_path / "data")
+    assert app_main.storage_root() == app_main.ROOT
+    (tmp_path / "data").mkdir()
+    assert app_main.parse_args([]).adapters == str(tmp_path / "data" / "adapters")
     monkeypatch.setenv("STUDIO_AUTH", "ada:s3cret:x")
     assert app_main.login() == ("ada", "s3cret:x")
     monkeypatch.setenv("STUDIO_AUTH", "nopassword")
@@ -334,4 +309,4 @@ def test_points_tab_answers_about_a_cloud_through_a_bind_adapter(studio, tmp_pat
         studio.start_reply(history, "", 12, 0.0, 1.0, adapter=name, media=("points", str(tmp_path / "c.obj")))
     with pytest.raises(UserError, match="no bind network"):
         studio.start_reply(history, "", 12, 0.0, 1.0, adapter=None, media=("points", files[0]))
-    studio.forget_adapter(name)
+    studio.delete_adapter(name)

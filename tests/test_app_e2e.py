@@ -1,66 +1,22 @@
 """The app end to end in a real headless Chromium (Debian's package, driven by Playwright): chat
 with a streamed reply, a training job started from the Train tab that finishes, its adapter made
-live, and a reply through it. Screenshots of each step go to artifacts/e2e/."""
-import os
+the default of new sessions, and a reply through it. Screenshots of each step go to artifacts/e2e/."""
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "artifacts" / "e2e"
-CHROMIUM = "/usr/bin/chromium"
-# flags this closed network needs: without the background-networking ones Chromium keeps trying to reach Google
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+from tests.servers import SHOTS, browser_page, running_app
 
 playwright = pytest.importorskip("playwright.sync_api")
 STATE = {}  # what one step hands to the next (the tests run in file order)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
-    root = tmp_path_factory.mktemp("app")
-    port = free_port()
-    log = open(root / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--adapters", str(root / "adapters"), "--runs", str(root / "runs"),
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, (root / "app.log").read_text()
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def page(app_url):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.goto(app_url)
+def page(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app")) as url, browser_page(url) as page:
         page.wait_for_selector("#message textarea", timeout=60_000)
         yield page
-        browser.close()
 
 
 def shot(page, name):
@@ -202,7 +158,7 @@ def test_train_tab_cancel_then_resume(page):
     page.wait_for_function("() => document.querySelector('#job-status').innerText.includes('stopped')", timeout=120_000)
 
 
-def test_finished_adapter_goes_live_and_answers(page):
+def test_finished_adapter_becomes_the_default_and_answers(page):
     job = STATE["job"]
     page.get_by_role("tab", name="Adapters").click()
     page.wait_for_function(f"() => document.querySelector('#adapter-table').innerText.includes('{job}')",
@@ -216,19 +172,23 @@ def test_finished_adapter_goes_live_and_answers(page):
         except playwright.TimeoutError:
             assert attempt < 2, "no download after 3 clicks"
     assert download.value.suggested_filename == f"{job}.safetensors"
-    page.locator("#make-live").click()
-    page.wait_for_function(f"() => document.querySelector('#adapter-msg').innerText.includes('Live adapter: {job}')",
-                           timeout=30_000)
-    swap = page.locator("#adapter-msg").inner_text()
-    shot(page, "5-adapter-live")
-    assert re.search(r"last swap [\d.]+ ms", swap)
-    page.get_by_role("tab", name="Chat").click()
-    page.locator("#clear").click()
+    page.locator("#make-default").click()
+    page.wait_for_function("() => document.querySelector('#adapter-msg').innerText.includes("
+                           f"'Default adapter for new sessions: {job}')", timeout=30_000)
+    shot(page, "5-adapter-default")
+    page.reload()  # a new session starts on the default adapter
+    page.wait_for_function(f"() => document.querySelector('#chat-adapter input')?.value == '{job}'", timeout=30_000)
     send(page, "What is the capital of France?")
     page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes('adapter: {job}')",
                            timeout=120_000)
     shot(page, "6-chat-with-adapter")
     assert len(last_reply(page).split("tokens ·")[0].strip()) > 0
+    # this chat's own choice: the base model, while the default stays
+    pick(page, "chat-adapter", "(none)")
+    page.locator("#clear").click()
+    send(page, "What is the capital of France?")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('adapter: (none)')",
+                           timeout=120_000)
 
 
 def side_panel(page, kind) -> str:
