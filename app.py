@@ -47,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: 1 on CPU, one per GPU)")
     h.add_argument("--max-new-tokens", type=int, help="a visitor's cap on one reply (default 512)")
     h.add_argument("--requests-per-minute", type=int, help="a visitor session's chat requests a minute (default 20)")
+    e = p.add_argument_group("serving (continuous batching, core/serving.py)")
+    e.add_argument("--max-batch", type=int, default=16, help="replies decoded together at most")
+    e.add_argument("--kv-budget", type=int, default=32768, help="KV cache positions for all replies at once; "
+                   "requests beyond it wait in line")
+    e.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens a step beside the decoding replies")
     return p.parse_args(argv)
 
 
@@ -111,7 +116,8 @@ def main(argv=None):
         configure_encoder("imagebind", weights=args.encoder_weights)
     device = str(lm.model.tok_embeddings.weight.device)
     studio = Studio(lm, args.adapters, args.runs, model_name=args.model, access=access,
-                    max_running_jobs=args.max_jobs or default_max_jobs(device))
+                    max_running_jobs=args.max_jobs or default_max_jobs(device),
+                    engine={"max_batch": args.max_batch, "kv_budget": args.kv_budget, "prefill_chunk": args.prefill_chunk})
     if access.public:
         print("public mode: visitors chat on adapters of their choice" +
               (" and train within limits" if access.visitor_training else "") + "; " +

@@ -122,7 +122,8 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
             media = (kind, path)
             if second_path and path:
                 media = (kind, [path, second_path], [1.0 - second_weight, second_weight])
-            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
+            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media,
+                                   repetition_guard=False)
 
         upload.change(show, upload, [*panels, chatbot])
         extra = [second, weight] if second is not None else [gr.State(None), gr.State(0.0)]
@@ -160,7 +161,8 @@ def mix_tab(studio: Studio, stream_reply, user_turn, max_new):
             if not given:
                 raise gr.Error("Give at least one input: an image, a clip or a point cloud.", print_exception=False)
             media = ([k for k, _, _ in given], [f for _, f, _ in given], [w for _, _, w in given])
-            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media)
+            yield from stream_reply(studio, request, history, "", max_new_tokens, 0.0, 1.0, adapter=name, media=media,
+                                   repetition_guard=False)
 
         ask(user_turn, answer, [chatbot, image, image_weight, audio, audio_weight, points, points_weight, adapter,
                                 max_new])

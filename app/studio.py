@@ -15,7 +15,7 @@ from app import zerogpu
 from app.access import OWNER, Access, Caller
 from core.chat_format import render
 from core.errors import UserError
-from core.generation import SamplingParams
+from core.generation import model_sampling
 from core.loading import LoadedModel
 from core.multimodal import embed_inputs, questions_for
 from core.registry import AdapterRegistry, clean_name
@@ -44,10 +44,11 @@ def footer(reply: Reply, adapter_name: str) -> str:
 
 class Studio:
     def __init__(self, lm: LoadedModel, adapters_dir: str | Path, runs_dir: str | Path, model_name: str = "smollm2",
-                 access: Access | None = None, max_running_jobs: int | None = None):
+                 access: Access | None = None, max_running_jobs: int | None = None, engine: dict | None = None):
+        """`engine`: ChatEngine's options (max_batch, kv_budget, prefill_chunk)."""
         self.lm = lm
         self.access = access or Access()
-        self.engine = ChatEngine(lm)
+        self.engine = ChatEngine(lm, **(engine or {}))
         self.registry = AdapterRegistry(adapters_dir, lm.model)
         self.runner = JobRunner(runs_dir, model=model_name, max_running=max_running_jobs)
         self.default_name: str | None = None  # the adapter a new session starts on; the owner sets it
@@ -106,14 +107,16 @@ class Studio:
         notice = f"{dropped} older message(s) left out to fit the context" if dropped else None
         return ids, notice
 
-    def start_reply(self, history: list[dict], system: str, max_new_tokens: int, temperature: float,
-                    top_p: float, caller: Caller = OWNER, adapter: str | None = "",
-                    media: tuple[str, object] | None = None) -> tuple[Reply, str | None]:
+    def start_reply(self, history: list[dict], system: str, max_new_tokens: int, temperature: float | None = None,
+                    top_p: float | None = None, caller: Caller = OWNER, adapter: str | None = "",
+                    media: tuple[str, object] | None = None, repetition_guard: bool = True) -> tuple[Reply, str | None]:
         """Submit the conversation (ending with the user's message) for `caller`, on `adapter`: a
         registry name, "" for the default of new sessions, None or NONE for the base model; about
         `media` for the media tabs: (kind, file or array), or (kind, [files], [weights]) for several
         inputs mixed into one, or ([kinds], [files], [weights]) for inputs of several kinds (an
-        encoder that reads them all: imagebind). A visitor's request over a limit is refused."""
+        encoder that reads them all: imagebind). Temperature and top-p default to the model's; the
+        repetition guard is on unless asked off (the media tabs' one-word answers run exactly as
+        their adapters were evaluated). A visitor's request over a limit is refused."""
         messages = [{"role": m["role"], "content": message_text(m)} for m in history if m["role"] in ("user", "assistant")]
         if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             raise UserError("empty message: type something to send")
@@ -136,8 +139,10 @@ class Studio:
                 condition = embed_inputs(adapter, sources, kind, weights, questions=questions)
         fmt, default_system, stops = chat_setup(self.lm, adapter)
         system = system.strip() if system and system.strip() else default_system
-        params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                top_p=float(top_p), stop=stops)
+        guard = {} if repetition_guard else {"repetition_penalty": 1.0, "ngram_guard": 0}
+        params = model_sampling(self.lm, max_new_tokens=int(max_new_tokens), stop=stops, **guard,
+                                temperature=None if temperature is None else float(temperature),
+                                top_p=None if top_p is None else float(top_p))
         params.validate()
         ids, notice = self.fit_to_context(messages, fmt, system, int(max_new_tokens))
         return self.engine.submit(ids, params, caller.session, adapter, condition, caller.ip,

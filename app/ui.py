@@ -20,6 +20,7 @@ from app.access import ANYONE, Caller
 from app.media import TABS, media_tab, mix_tab
 from app.studio import NONE, Studio, footer, message_text
 from core.errors import UserError
+from core.generation import model_sampling
 from core.model import count_parameters
 
 TICK_S = 1.5  # how often an open page re-reads the selected job's files
@@ -43,6 +44,7 @@ def build(studio: Studio) -> gr.Blocks:
               f"{device} · {lm.chat_format} format · context {lm.model.args.max_seq_len}")
     who = access.caller
     max_tokens = min(2048, lm.model.args.max_seq_len - 16)
+    defaults = model_sampling(lm)
 
     with gr.Blocks(title="LLaMA-Adapter studio") as demo:
         gr.Markdown(header)
@@ -71,9 +73,10 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Accordion("Generation settings", open=False):
                 system = gr.Textbox(label="System prompt (empty: the model's or adapter's default)", elem_id="system")
                 max_new = gr.Slider(1, max_tokens, value=256, step=1, label="Max new tokens", elem_id="max-new")
-                # greedy by default: the 135M embedded model rambles when sampled
-                temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0: greedy)")
-                top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+                # the model's own defaults (its card or generation_config), with the repetition guard
+                temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p", elem_id="top-p")
 
         media_adapters = [media_tab(studio, kind, stream_reply, user_turn, max_new) for kind in TABS]
         media_adapters.append(mix_tab(studio, stream_reply, user_turn, max_new))
@@ -210,11 +213,12 @@ def build(studio: Studio) -> gr.Blocks:
         stop.click(stop_reply, None, None, queue=False)
         clear.click(lambda r=None: [], None, chatbot, queue=False).then(stop_reply, None, None, queue=False)
 
-        def chat(message: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, adapter: str = "", request: gr.Request = None) -> Iterator[str]:
+        def chat(message: str, system: str = "", max_new_tokens: int = 256, temperature: float = defaults.temperature,
+                 top_p: float = defaults.top_p, adapter: str = "", request: gr.Request = None) -> Iterator[str]:
             """One user message in, the reply so far out (streamed): the API for programs
-            (gradio_client), with the same queue and limits as the page. `adapter`: a registry
-            name, "(none)" for the base model, or "" for the studio's default."""
+            (gradio_client), with the same queue and limits as the page. Temperature and top-p
+            default to the model's (0: greedy); `adapter`: a registry name, "(none)" for the base
+            model, or "" for the studio's default."""
             for history in bot_turn([{"role": "user", "content": message}], system, max_new_tokens, temperature,
                                     top_p, adapter, request):
                 yield message_text(history[-1])
@@ -394,7 +398,12 @@ def stream_reply(studio: Studio, request, history, system_prompt, max_new_tokens
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
     try:
-        for delta in zerogpu.stream(studio.engine, reply) if zerogpu.ON_ZERO_GPU else reply:
+        for delta in zerogpu.stream(studio.engine, reply) if zerogpu.ON_ZERO_GPU else reply.updates(every_s=0.5):
+            if delta is None:  # nothing new: while it waits for room in the batch, say where it is
+                if reply.position:
+                    history[-1]["content"] = f"*Waiting for room: number {reply.position} in line…*"
+                    yield history
+                continue
             text += delta
             history[-1]["content"] = text
             yield history

@@ -90,14 +90,18 @@ class AdaptionPrompt(nn.Module):
         v = wv(x).view(n, K, -1, attn.head_dim).transpose(1, 2)
         return k, v
 
+    def keys_values(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's prompt keys and values, (1, n_kv_heads, K, head_dim) shared by every
+        sequence, or (B, ...) one set per sequence of the condition (recomputed each call: K tokens, cheap)."""
+        if self.condition is None:
+            return self.prompt_kv(attn, dtype)
+        c = self.condition[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
+        return self._project(attn, (self.prompt.unsqueeze(0) + c).to(dtype))
+
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
         B, H, T, _ = q.shape
-        if self.condition is None:
-            k, v = self.prompt_kv(attn, q.dtype)
-            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-        else:  # one set of prompts per sequence: recomputed each call (K tokens, cheap)
-            c = self.condition[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
-            k, v = self._project(attn, (self.prompt.unsqueeze(0) + c).to(q.dtype))
+        k, v = self.keys_values(attn, q.dtype)
+        k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         # every query over the K prompts only: the prompt part's own softmax
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != k.shape[1])
         return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out

@@ -13,7 +13,7 @@ import torch
 
 from core.chat_format import FORMATS, render
 from core.errors import UserError
-from core.generation import Generator, SamplingParams
+from core.generation import Generator, model_sampling
 from core.encoders import KINDS, configure_encoder
 
 
@@ -40,10 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's own, 0.2 for the embedded "
+                   "one; greedy for questions about media files, as their adapters were evaluated)")
+    p.add_argument("--top-p", type=float, help="default: the model's own")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float, help="default 1.1 (1: off; with --ngram-guard, the "
+                   "repetition guard; both off for media questions)")
+    p.add_argument("--ngram-guard", type=int, help="no n-gram of a reply occurs a third time (default 6; 0: off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -87,7 +90,7 @@ def run(args) -> int:
         raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: "
                         f"{', '.join('--' + k for k in KINDS)}")
     condition_for = media_conditions(args, lm, inputs) if inputs else (lambda question: None)
-    return converse(args, lm, rank, condition_for)
+    return converse(args, lm, rank, condition_for, media=bool(inputs))
 
 
 def media_conditions(args, lm, inputs: list[tuple[str, str]]):
@@ -113,13 +116,16 @@ def media_conditions(args, lm, inputs: list[tuple[str, str]]):
     return lambda question: fixed
 
 
-def converse(args, lm, rank: int, condition_for) -> int:
+def converse(args, lm, rank: int, condition_for, media: bool = False) -> int:
     """`condition_for(question)`: what the input files add to the prompts for that question (None: text only)."""
     from core import parallel
     from core.multimodal import conditioned
     gen = Generator(lm.model, lm.tokenizer, lm.stop_ids)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+    asked = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "ngram_guard")
+             if getattr(args, k) is not None}
+    if media:  # one-word answers about files: greedy and unguarded, as their adapters were evaluated
+        asked = {"temperature": 0.0, "repetition_penalty": 1.0, "ngram_guard": 0, **asked}
+    params = model_sampling(lm, **asked, max_new_tokens=args.max_new_tokens,
                             stop=args.stop + (lm.stop_texts if args.chat or args.prompt is None else []),
                             seed=args.seed if args.seed is not None else (0 if parallel.world_size() > 1 else None))
     system = args.system if args.system is not None else lm.system_prompt

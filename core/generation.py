@@ -1,5 +1,6 @@
-"""Generation: greedy or sampled (temperature, top-k, top-p, repetition penalty), stop tokens and
-stop strings, batches of unequal-length prompts, and a streaming iterator of text deltas."""
+"""Generation: greedy or sampled (temperature, top-k, top-p, repetition penalty, a repetition
+guard), stop tokens and stop strings, batches of unequal-length prompts, and a streaming iterator
+of text deltas."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ngram_guard: int = 0          # n >= 2: no n-gram of a reply occurs a third time (0: off)
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -31,6 +33,58 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise UserError("top_k must be >= 0 and repetition_penalty > 0")
+        if self.ngram_guard < 0 or self.ngram_guard == 1:
+            raise UserError(f"ngram_guard must be 0 (off) or at least 2, got {self.ngram_guard}")
+
+
+class RepeatGuard:
+    """The repetition guard of one reply: the tokens that would make one of its n-grams occur a
+    third time are banned (a loop is cut at its third turn; a phrase may come back once). Kept as
+    a table from each (n-1)-gram to the tokens that followed it, so a step costs O(1)."""
+
+    def __init__(self, n: int):
+        self.n, self.ids = n, []
+        self.followers: dict[tuple, dict[int, int]] = {}
+
+    def push(self, token: int):
+        self.ids.append(token)
+        if len(self.ids) >= self.n:
+            after = self.followers.setdefault(tuple(self.ids[-self.n:-1]), {})
+            after[token] = after.get(token, 0) + 1
+
+    def banned(self) -> list[int]:
+        if len(self.ids) < self.n - 1:
+            return []
+        after = self.followers.get(tuple(self.ids[len(self.ids) - self.n + 1:]), {})
+        return [t for t, count in after.items() if count >= 2]
+
+
+def guarded(logits: torch.Tensor, guards: list[RepeatGuard | None]) -> torch.Tensor:
+    """logits (B, V) with each row's banned tokens at -inf (a copy only when something is banned)."""
+    bans = [(i, g.banned()) for i, g in enumerate(guards) if g is not None]
+    if not any(b for _, b in bans):
+        return logits
+    logits = logits.clone()
+    for i, banned in bans:
+        if banned:
+            logits[i, banned] = float("-inf")
+    return logits
+
+
+# The model's card gives these for the embedded SmolLM2-135M-Instruct; other checkpoints give
+# theirs in generation_config.json (core.loading reads it), else GENERIC applies.
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+GENERIC_SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+# ours, for every model: the CTRL penalty mild enough to keep names from the question, and the guard
+REPETITION_GUARD = {"repetition_penalty": 1.1, "ngram_guard": 6}
+
+
+def model_sampling(lm, **asked) -> SamplingParams:
+    """SamplingParams from the model's defaults and the repetition guard, with what the caller
+    `asked` (None values left to the defaults). Greedy is one setting away: temperature=0."""
+    defaults = {**REPETITION_GUARD, **(getattr(lm, "sampling", None) or GENERIC_SAMPLING)}
+    given = {k: v for k, v in asked.items() if v is not None}
+    return SamplingParams(**{**defaults, **given})
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
@@ -81,12 +135,13 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     seen = torch.where(key_mask[:, :longest], tokens, -1) if params.repetition_penalty != 1.0 else None
+    guards = [RepeatGuard(params.ngram_guard) if params.ngram_guard else None for _ in range(B)]
     done = [False] * B
     model.setup_cache(B, total)
     try:
         logits = model(tokens, 0, key_mask[:, :longest] if padded else None, last_only=True)
         for pos in range(longest, total):
-            nxt = sample(logits[:, -1], params, seen, generator)
+            nxt = sample(guarded(logits[:, -1], guards), params, seen, generator)
             out = []
             for i, t in enumerate(nxt.tolist()):
                 if done[i] or t in stop_ids:
@@ -94,6 +149,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
                     out.append(None)
                 else:
                     out.append(t)
+                    if guards[i] is not None:
+                        guards[i].push(t)
             yield out
             if all(done) or pos + 1 == total:
                 return

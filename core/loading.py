@@ -228,6 +228,7 @@ class LoadedModel:
     chat_format: str
     system_prompt: str | None  # the checkpoint's default, if its template has one
     name: str
+    sampling: dict | None = None  # the checkpoint's sampling defaults (temperature, top_p, ...), if it gives them
 
     @property
     def stop_ids(self) -> set[int]:
@@ -308,4 +309,23 @@ def load_model(name: str, dtype: str | None = None, device: str | None = None,
     args, state, tokenizer, template = read_checkpoint(path)
     model = build_model(args, state, torch_dtype, device)
     fmt = chat_format or detect_format(template, tokenizer.special)
-    return LoadedModel(model, tokenizer, fmt, default_system_prompt(template), name)
+    return LoadedModel(model, tokenizer, fmt, default_system_prompt(template), name, sampling_defaults(name, path))
+
+
+def sampling_defaults(name: str, path: Path) -> dict | None:
+    """What the checkpoint says to sample with: the embedded model's card, or a Hugging Face
+    folder's generation_config.json (temperature, top_p, top_k, repetition_penalty)."""
+    from core.generation import SMOLLM2_SAMPLING
+    if name == "smollm2":
+        return dict(SMOLLM2_SAMPLING)
+    config = Path(path) / "generation_config.json"
+    if not config.is_file():
+        return None
+    try:
+        given = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return None
+    if given.get("do_sample") is False:
+        return {"temperature": 0.0}
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return {k: given[k] for k in keys if isinstance(given.get(k), (int, float))} or None

@@ -201,19 +201,24 @@ class Transformer(nn.Module):
                 return i
         return len(self.layers)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, key_mask: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor, start_pos=0, key_mask: torch.Tensor | None = None,
                 last_only: bool = False, select: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) at cache positions [start_pos, start_pos+T).
         key_mask (B, start_pos+T) bool marks real (non-pad) tokens, for batches of left-padded
         prompts; RoPE positions then count real tokens only. Returns logits (B, T|1, vocab) fp32,
         or with `select` ((B, T) bool) only the selected positions' logits, (N, vocab): training
         needs them at response tokens only, and the output head is a large share of the work.
-        return_hidden: the final-normed hidden states instead of logits (for a fused head + loss)."""
+        return_hidden: the final-normed hidden states instead of logits (for a fused head + loss).
+        positions (B, T) and attn_mask (B, 1, T, keys): rows each at their own place (the batched
+        decode of core.runner), whose KV caches read `start_pos` as they define it."""
         B, T = tokens.shape
         grad = torch.is_grad_enabled()
         first = self.first_trainable_layer() if grad else len(self.layers)
-        if key_mask is None:
+        if positions is not None:
+            pos, mask = positions, attn_mask
+        elif key_mask is None:
             pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
             mask = None
             if T > 1 and start_pos > 0:  # a chunk continuing a cache: causal with an offset

@@ -1,11 +1,11 @@
-"""Serving several chats from one model in memory.
+"""Serving many chats from one model in memory: continuous batching.
 
-One worker thread owns the model. It interleaves the live requests one decoding step at a time,
-so a long reply does not hold everyone else back; sessions take turns, one reply each a round,
-so a session with several replies on the way gets no more than one that has a single reply.
-Before each step it puts that request's
-own KV cache and adapter in place: both are reference swaps, so every request runs on the
-adapter it asked for (or none), whatever the others asked for.
+One worker thread owns the model and runs engine steps. In each, the scheduler (core.scheduler)
+says who runs: every live reply decodes one token in one batched forward (core.runner), each row
+with its own position, KV length, adapter (or none) and media condition; and the first request
+in line, once the KV budget has room for it, prefills a chunk of its prompt on the side. Rows
+join after their prefill and leave when done, between steps. Each row samples with its own
+parameters (temperature, top-p, top-k, seed, repetition penalty and guard).
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ import torch
 
 from core.adapter import Adapter
 from core.chat_format import stop_strings
-from core.generation import SamplingParams, TextStream, generate_tokens
+from core.errors import UserError
+from core.generation import RepeatGuard, SamplingParams, TextStream, guarded, sample
 from core.loading import LoadedModel
-from core.multimodal import conditioned
+from core.runner import Row, Runner
+from core.scheduler import Scheduler
 
 _DONE = object()
 
@@ -54,20 +56,34 @@ class Reply:
     first_token: float | None = None
     finished: float | None = None
     error: BaseException | None = None
-    # the worker's own: the token generator, the text decoder and the KV cache between steps
-    _tokens: Iterator | None = field(default=None, repr=False)
+    position: int | None = None  # place in line while it waits for room in the batch (1: next)
+    generated: list[int] = field(default_factory=list)
+    # the worker's own: its row in the batch, its prompt's prefill cache and progress, the text decoder
+    _row: Row | None = field(default=None, repr=False)
+    _own: list | None = field(default=None, repr=False)
+    _prefilled: int = field(default=0, repr=False)
     _text: TextStream | None = field(default=None, repr=False)
-    _caches: list | None = field(default=None, repr=False)
+    _rng: torch.Generator | None = field(default=None, repr=False)
+    _guard: RepeatGuard | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[str]:
+        return self.updates()
+
+    def updates(self, every_s: float | None = None) -> Iterator[str | None]:
+        """Text deltas as they come; with `every_s`, also None each time that long passes without
+        one (a page then shows the reply's place in line). Leaving early cancels the reply."""
         try:
             while True:
-                item = self.deltas.get()
+                try:
+                    item = self.deltas.get(timeout=every_s)
+                except queue.Empty:
+                    yield None
+                    continue
                 if item is _DONE:
                     break
                 yield item
         finally:
-            self.cancelled.set()  # a consumer that stops listening frees the worker
+            self.cancelled.set()  # a consumer that stops listening frees its row
         if self.error is not None:
             raise self.error
 
@@ -80,10 +96,12 @@ class Reply:
 
 
 class ChatEngine:
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, kv_budget: int = 32768, prefill_chunk: int = 512):
         self.lm, self.model = lm, lm.model
-        self._inbox: queue.Queue[Reply] = queue.Queue()
-        self._active: list[Reply] = []
+        self.prefill_chunk = prefill_chunk
+        self.scheduler = Scheduler(lm.model.args.max_seq_len, max_batch, kv_budget, prefill_chunk)
+        self.runner = Runner(lm.model)
+        self._inbox: queue.Queue[Reply | None] = queue.Queue()
         self._resting = getattr(lm.model, "adapter", None)  # what the model holds between replies
         self._closing = False
         self._worker = threading.Thread(target=self._work, name="chat-engine", daemon=True)
@@ -100,30 +118,21 @@ class ChatEngine:
     # -- the public side ------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, owner: str = "", adapter: Adapter | None = None,
                condition: torch.Tensor | None = None, client: str = "", queued: bool = True) -> Reply:
-        """A new reply, in line for the worker; with `queued` False, for `run_here` instead."""
+        """A new reply, in line for the worker; with `queued` False, for `run_here` instead.
+        One that could never fit the KV budget is refused at once."""
         params.validate()
+        if not ids:
+            raise UserError("empty prompt: give at least one token of text")
+        if len(ids) >= self.model.args.max_seq_len:
+            raise UserError(f"prompt is {len(ids)} tokens; this model's context is {self.model.args.max_seq_len}")
         reply = Reply(ids, params, adapter, owner, client, condition=condition)
+        self.scheduler.check(reply)
         if queued:
             self._inbox.put(reply)
         return reply
 
-    def run_here(self, reply: Reply) -> Iterator[str]:
-        """Run an unqueued reply start to end in the calling thread, yielding its text deltas: a
-        ZeroGPU Space lends the GPU to one call at a time, so there a reply runs inside that call
-        (`app.zerogpu`) instead of on the worker."""
-        try:
-            done = False
-            while not done:
-                done = reply.cancelled.is_set() or self._step(reply)
-                while not reply.deltas.empty():
-                    yield reply.deltas.get_nowait()
-        finally:
-            self._finish(reply)
-        if reply.error is not None:
-            raise reply.error
-
     def in_flight(self, owner: str = "", client: str = "") -> tuple[int, int]:
-        """Replies queued or running now: (of session `owner`, from address `client`)."""
+        """Replies waiting or running now: (of session `owner`, from address `client`)."""
         replies = [r for r in self._pending() if not r.cancelled.is_set()]
         return sum(r.owner == owner for r in replies), sum(r.client == client for r in replies)
 
@@ -134,90 +143,148 @@ class ChatEngine:
                 reply.cancelled.set()
 
     def _pending(self) -> list[Reply]:
-        return [r for r in list(self._active) + list(self._inbox.queue) if r is not None]
+        return [r for r in [*self.scheduler.all(), *list(self._inbox.queue)] if r is not None]
+
+    def run_here(self, reply: Reply) -> Iterator[str]:
+        """Run an unqueued reply start to end in the calling thread, on a runner of its own,
+        yielding its text deltas: a ZeroGPU Space lends the GPU to one call at a time, so there a
+        reply runs inside that call (`app.zerogpu`) instead of on the worker."""
+        runner = Runner(self.model)
+        try:
+            done = False
+            while not done and not reply.cancelled.is_set():
+                if reply._prefilled < len(reply.ids):
+                    done = bool(self._prefill(runner, [reply]))
+                else:
+                    done = self._decode_step(runner, [reply])[0]
+                while not reply.deltas.empty():
+                    yield reply.deltas.get_nowait()
+        finally:
+            self._end(runner, reply)
+        if reply.error is not None:
+            raise reply.error
 
     # -- the worker -----------------------------------------------------------------------
     def _work(self):
+        """One engine step a turn. The scheduler's running replies are the runner's rows."""
         while not self._closing:
-            waiting = [self._inbox.get()] if not self._active else []
+            incoming = [self._inbox.get()] if not self.scheduler.all() else []
             while not self._inbox.empty():
-                waiting.append(self._inbox.get_nowait())
-            self._active += [r for r in waiting if r is not None]
-            finished = []
-            for reply in self._round():
-                if self._closing:
-                    return
-                if reply.cancelled.is_set() or self._step(reply):
-                    self._active.remove(reply)
-                    self._finish(reply)
-                    finished.append(reply)
-            if not self._active:  # idle: the model as it was given, before anyone hears the end
-                self._use_adapter(self._resting)
+                incoming.append(self._inbox.get_nowait())
+            for reply in incoming:
+                if reply is not None:
+                    self.scheduler.add(reply)
+            if self._closing:
+                return
+            finished = [r for r in self.scheduler.all() if r.cancelled.is_set()]
+            for reply in finished:
+                self._end(self.runner, reply)
+            if self._resting is not None and getattr(self.model, "adapter", None) is self._resting:
+                self._resting.detach()  # rows bring their own adapters
+            joining = self.scheduler.next_to_prefill()
+            if joining:
+                try:
+                    finished += self._prefill(self.runner, joining)
+                except Exception as e:  # a bad request fails with its prefill; the worker keeps serving
+                    for reply in joining:
+                        reply.error = e
+                    finished += joining
+                for reply in joining:
+                    if reply in finished:
+                        self._end(self.runner, reply)
+                    elif reply._prefilled == len(reply.ids):  # its whole prompt is in: it joined the batch
+                        self.scheduler.joined(reply)
+            running = list(self.scheduler.running)
+            if running:
+                try:
+                    done = self._decode_step(self.runner, running)
+                    finished += [r for r, d in zip(running, done) if d]
+                except Exception as e:  # nothing a request can send does this: fail the batch, keep serving
+                    for reply in running:
+                        reply.error = e
+                    finished += running
+            for reply in finished:
+                self._end(self.runner, reply)
+            if not self.scheduler.all() and self._resting is not None:  # idle: the model as it was given,
+                self._resting.attach(self.model)                         # before anyone hears the end
             for reply in finished:
                 reply.deltas.put(_DONE)
 
-    def _round(self) -> list[Reply]:
-        """This round's replies: each session's first; a session's others go to the back of the
-        line, so they take turns in later rounds."""
-        picked, owners = [], set()
-        for reply in list(self._active):
-            owner = reply.owner or id(reply)  # in-process requests have no session: each is its own
-            if owner in owners:
-                continue
-            owners.add(owner)
-            picked.append(reply)
-        for reply in picked:  # stepped now: behind the session's waiting replies
-            self._active.remove(reply)
-            self._active.append(reply)
-        return picked
-
-    def _finish(self, reply: Reply):
-        if reply._tokens is not None:
-            reply._tokens.close()
-        reply._caches = None
+    def _end(self, runner: Runner, reply: Reply):
+        """`reply` leaves the line or the batch (cancelled, failed or done)."""
+        self.scheduler.drop(reply)
+        if reply._row is not None and reply._row in runner.rows:
+            runner.leave(reply._row)
+        reply._own = None
         reply.finished = reply.finished or time.perf_counter()
 
-    def _step(self, reply: Reply) -> bool:
-        """Advance one reply by one token; True when it is finished."""
-        self._use_adapter(reply.adapter)
-        try:
-            if reply._tokens is None:
-                reply._tokens = generate_tokens(self.model, [reply.ids], reply.params, self.lm.stop_ids)
+    def _prefill(self, runner: Runner, replies: list[Reply]) -> list[Reply]:
+        """This step's prompt work for `replies`: their whole prompts in one forward, or the next
+        chunk of one long prompt. A reply whose prompt is all in has joined the runner's rows and
+        has its first token; returns those already finished (the first token was a stop)."""
+        for reply in replies:
+            if reply._row is None:
+                reply._row = Row(reply.adapter, reply.condition)
                 reply._text = TextStream(self.lm.tokenizer, reply.params.stop)
-            else:
-                self._put_caches(reply._caches)
-            with conditioned(self.model, reply.condition):
-                step = next(reply._tokens, None)
-            reply._caches = [layer.attention.kv_cache for layer in self.model.layers]
-        except Exception as e:  # a bad request fails alone; the worker keeps serving
-            reply.error = e
-            return True
-        text = reply._text
-        if step is None or step[0] is None:
-            tail = text.finish()
+                reply._guard = RepeatGuard(reply.params.ngram_guard) if reply.params.ngram_guard else None
+                if reply.params.seed is not None:
+                    device = self.model.tok_embeddings.weight.device
+                    reply._rng = torch.Generator(device=device).manual_seed(reply.params.seed)
+        first = replies[0]
+        if len(replies) == 1 and (first._prefilled or len(first.ids) > self.prefill_chunk):  # a long prompt
+            if first._own is None:
+                first._own = runner.start(len(first.ids))
+            start = first._prefilled
+            logits = runner.prefill(first._row, first._own, first.ids[start:start + self.prefill_chunk], start)
+            first._prefilled += len(first.ids[start:start + self.prefill_chunk])
+            if first._prefilled < len(first.ids):
+                return []
+            first._row.length = len(first.ids)
+            runner.join(first._row, first._own)
+            first._own = None
+            logits = logits[None]
+        else:
+            logits = runner.prefill_whole([r._row for r in replies], [r.ids for r in replies])
+            for reply in replies:
+                reply._prefilled = len(reply.ids)
+        return [r for r, row_logits in zip(replies, logits) if self._emit(r, self._sample(r, row_logits))]
+
+    def _decode_step(self, runner: Runner, replies: list[Reply]) -> list[bool]:
+        """One batched forward over the running rows (in the runner's slot order); whether each of
+        `replies` is finished."""
+        by_row = {id(r._row): r for r in replies}
+        order = [by_row[id(row)] for row in runner.rows]
+        logits = runner.decode([r.generated[-1] for r in order])
+        done = {id(r): self._emit(r, self._sample(r, logits[i])) for i, r in enumerate(order)}
+        return [done[id(r)] for r in replies]
+
+    def _sample(self, reply: Reply, logits: torch.Tensor) -> int:
+        p = reply.params
+        seen = torch.tensor([reply.ids + reply.generated]) if p.repetition_penalty != 1.0 else None
+        return int(sample(guarded(logits[None].float(), [reply._guard]), p, seen, reply._rng)[0])
+
+    def _emit(self, reply: Reply, token: int) -> bool:
+        """Stream `token`'s text; True when the reply is finished."""
+        if token in self.lm.stop_ids:
+            tail = reply._text.finish()
             if tail:
                 reply.deltas.put(tail)
             return True
+        reply.generated.append(token)
+        if reply._guard is not None:
+            reply._guard.push(token)
         reply.tokens += 1
         if reply.first_token is None:
             reply.first_token = time.perf_counter()
-        delta = text.push(step[0])
+        delta = reply._text.push(token)
         if delta:
             reply.deltas.put(delta)
-        if text.stopped or reply.tokens >= reply.params.max_new_tokens:
+        at_context = len(reply.ids) + len(reply.generated) >= self.model.args.max_seq_len
+        if reply._text.stopped or reply.tokens >= reply.params.max_new_tokens or at_context:
+            if not reply._text.stopped:
+                tail = reply._text.finish()
+                if tail:
+                    reply.deltas.put(tail)
             reply.finished = time.perf_counter()
             return True
         return False
-
-    def _put_caches(self, caches: list):
-        for layer, cache in zip(self.model.layers, caches):
-            layer.attention.kv_cache = cache
-
-    def _use_adapter(self, adapter: Adapter | None):
-        current = getattr(self.model, "adapter", None)
-        if current is adapter:
-            return
-        if adapter is None:
-            current.detach()
-        else:
-            adapter.attach(self.model)

@@ -77,12 +77,20 @@ def test_chat_streams_a_reply(page):
 
 
 def test_retry_regenerates_and_undo_returns_the_message(page):
-    first = last_reply(page)
-    page.locator("#retry").click()
-    page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=30_000)
-    page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length == 1 && "
-                           "document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
-    assert last_reply(page).split("tokens ·")[0].strip() == first.split("tokens ·")[0].strip()  # greedy: same reply
+    """Replies sample at the model's temperature by default; greedy is one setting away, and then
+    Retry regenerates the same reply."""
+    page.get_by_text("Generation settings").click()
+    temperature = page.locator("#temperature input[type=number]")
+    temperature.fill("0")
+    temperature.press("Enter")
+    replies = []
+    for _ in range(2):
+        page.locator("#retry").click()
+        page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=30_000)
+        page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length == 1 && "
+                               "document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
+        replies.append(last_reply(page).split("tokens ·")[0].strip())
+    assert replies[0] == replies[1] and "Paris" in replies[0]  # greedy: the same reply
     page.locator("#undo").click()
     page.wait_for_function("() => document.querySelectorAll('#chatbot .message').length == 0", timeout=30_000)
     assert page.locator("#message textarea").input_value() == "What is the capital of France?"

@@ -66,7 +66,8 @@ def test_embedded_default_stop_string_and_sampling_are_reproducible(smollm2):
 def test_cli_streams_answer_and_rejects_bad_input():
     env_cmd = [sys.executable, "-m", "core.generate"]
     done = subprocess.run(env_cmd + ["--model", "smollm2", "--chat", "--prompt", "What is the capital of France?",
-                                     "--max-new-tokens", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                     "--max-new-tokens", "20", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     bad = subprocess.run(env_cmd + ["--model", "/no/such/model.gguf", "--prompt", "hi"], cwd=ROOT,
@@ -77,7 +78,8 @@ def test_cli_streams_answer_and_rejects_bad_input():
 
 def test_cli_interactive_chat_keeps_history():
     def session(lines):
-        done = subprocess.run([sys.executable, "-m", "core.generate", "--max-new-tokens", "20"], input=lines,
+        done = subprocess.run([sys.executable, "-m", "core.generate", "--max-new-tokens", "20", "--temperature", "0"],
+                              input=lines,
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return [r.strip() for r in done.stdout.split("> ") if r.strip()]
