@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: 1 on CPU, one per GPU)")
     h.add_argument("--max-new-tokens", type=int, help="a visitor's cap on one reply (default 512)")
     h.add_argument("--requests-per-minute", type=int, help="a visitor session's chat requests a minute (default 20)")
+    h.add_argument("--api-only", action="store_true", help="serve the OpenAI-compatible API (/v1) without the page "
+                   "(STUDIO_API_KEY set: every call needs it as a bearer key)")
     e = p.add_argument_group("serving (continuous batching, core/serving.py)")
     e.add_argument("--max-batch", type=int, default=16, help="replies decoded together at most")
     e.add_argument("--kv-budget", type=int, default=32768, help="KV cache positions for all replies at once; "
@@ -100,6 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.model == "smollm2":
         ensure_embedded_model()
+    from app.api import router as api_router
     from app.server import create_app, serve
     from app.studio import Studio
     from app.ui import build
@@ -126,14 +129,17 @@ def main(argv=None):
                if access.owner_can_sign_in else
                "no STUDIO_OWNER_TOKEN or STUDIO_AUTH is set, so nobody can train, add, rename or delete here"),
               flush=True)
-    demo = build(studio)
-    # room for many waiting events: the studio refuses a visitor's requests over their limits at
-    # once, so one client's flood drains fast instead of filling the line
-    demo.queue(max_size=256, default_concurrency_limit=8)
+    demo = None
+    if not args.api_only:
+        demo = build(studio)
+        # room for many waiting events: the studio refuses a visitor's requests over their limits at
+        # once, so one client's flood drains fast instead of filling the line
+        demo.queue(max_size=256, default_concurrency_limit=8)
     limits = access.limits
     app = create_app(demo, public={"chat"}, allowed_paths=[str(ROOT / "assets")],
                      max_file_size=f"{limits.largest_upload_mb}mb" if access.public else None,
-                     secure_cookies=bool(os.environ.get("SPACE_ID")))
+                     secure_cookies=bool(os.environ.get("SPACE_ID")),
+                     api=api_router(studio, os.environ.get("STUDIO_API_KEY")))
     serve(app, args.host, args.port, share=args.share)
 
 

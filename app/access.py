@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from core.errors import UserError
+from core.errors import LimitError, TooLargeError, UserError
 
 OWNER_HEADER = "x-studio-owner-token"
 VISITOR_COOKIE = "studio_visitor"
@@ -135,7 +135,7 @@ class Access:
         if not self.owner_can_sign_in:
             raise UserError("this studio has no owner sign-in: its operator sets STUDIO_OWNER_TOKEN or STUDIO_AUTH")
         if self._failed_sign_ins.full(caller.ip, self.limits.sign_ins_per_minute):
-            raise UserError("too many failed sign-ins from this address; wait a minute")
+            raise LimitError("too many failed sign-ins from this address; wait a minute")
         ok = self._is_token(secret or "") or bool(
             self.login and hmac.compare_digest(user or "", self.login[0]) and hmac.compare_digest(secret or "",
                                                                                                  self.login[1]))
@@ -175,17 +175,17 @@ class Access:
             return
         lim = self.limits
         if len(message) > lim.message_chars:
-            raise UserError(f"the message is {len(message)} characters; accepted here: up to {lim.message_chars}")
+            raise TooLargeError(f"the message is {len(message)} characters; accepted here: up to {lim.message_chars}")
         if max_new_tokens > lim.max_new_tokens:
             raise UserError(f"max new tokens {max_new_tokens} is over this studio's limit; accepted: "
                             f"1 to {lim.max_new_tokens}")
         session_busy, ip_busy = in_flight
         if session_busy >= lim.replies_per_session or ip_busy >= lim.replies_per_ip:
-            raise UserError(f"you have {max(session_busy, ip_busy)} replies on the way already; wait for them "
+            raise LimitError(f"you have {max(session_busy, ip_busy)} replies on the way already; wait for them "
                             f"(limit {lim.replies_per_session} per session, {lim.replies_per_ip} per address)")
         key = caller.session or caller.ip
         if self._requests.full(key, lim.requests_per_minute):
-            raise UserError(f"too many requests: {lim.requests_per_minute} a minute per session; wait a moment")
+            raise LimitError(f"too many requests: {lim.requests_per_minute} a minute per session; wait a moment")
         self._requests.add(key)
 
     def check_upload(self, caller: Caller, path, what: str):
@@ -196,4 +196,4 @@ class Access:
         size = Path(path).stat().st_size
         cap = self.limits.upload_mb[what]
         if size > cap * 2**20:
-            raise UserError(f"{Path(path).name} is {size / 2**20:.1f} MB; accepted here: {what} files up to {cap} MB")
+            raise TooLargeError(f"{Path(path).name} is {size / 2**20:.1f} MB; accepted here: {what} files up to {cap} MB")

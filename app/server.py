@@ -1,6 +1,6 @@
-"""The HTTP server: our FastAPI app with the Gradio page mounted at /, so that routes of our own
-(the OpenAI-compatible API to come) share its port and process, and two rules hold for every
-request before Gradio sees it:
+"""The HTTP server: our FastAPI app with the OpenAI-compatible API (app.api) at /v1 and the Gradio
+page mounted at /, on one port and one engine, and two rules hold for every request before Gradio
+sees it:
 
 - Only the intended endpoints are callable by name. Gradio leaves events marked
   `api_visibility="private"` out of its API page but (6.31) still runs them when called by name
@@ -33,11 +33,15 @@ def private_events(demo, public: set[str]):
 
 
 def create_app(demo, public: set[str], max_file_size: int | None = None, allowed_paths: list[str] | None = None,
-               secure_cookies: bool = False) -> fastapi.FastAPI:
-    import gradio as gr
-    private_events(demo, public)
+               secure_cookies: bool = False, api: fastapi.APIRouter | None = None) -> fastapi.FastAPI:
+    """The server: `api` (the OpenAI-compatible routes, app.api) and the Gradio page `demo`
+    mounted at / (None: the API alone, headless)."""
     app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    listed = ", ".join(f"/{name}" for name in sorted(public))
+    if api is not None:
+        from app.api import APIError
+        app.include_router(api)
+        app.add_exception_handler(APIError, lambda request, e: e.response())
+    listed = ", ".join(f"/{name}" for name in sorted(public)) + (" and /v1 (OpenAI-compatible)" if api is not None else "")
 
     @app.middleware("http")
     async def rules(request: fastapi.Request, call_next):
@@ -52,6 +56,10 @@ def create_app(demo, public: set[str], max_file_size: int | None = None, allowed
                                 samesite="none" if secure_cookies else "lax", secure=secure_cookies)
         return response
 
+    if demo is None:
+        return app
+    import gradio as gr
+    private_events(demo, public)
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=max_file_size, allowed_paths=allowed_paths,
                                show_error=True, footer_links=["api", "gradio", "settings"])
 

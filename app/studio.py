@@ -123,20 +123,7 @@ class Studio:
         self.access.admit(caller, messages[-1]["content"], int(max_new_tokens),
                           self.engine.in_flight(caller.session, caller.ip))
         adapter = self.adapter_for(adapter, caller)
-        condition = None
-        if media is not None:
-            kind, sources, weights = (*media, None) if len(media) == 2 else media
-            sources = sources if isinstance(sources, list) else [sources]
-            if not sources or any(s is None for s in sources):
-                raise UserError(f"upload a {kind} file or pick an example first")
-            for source in sources:
-                if isinstance(source, (str, Path)):
-                    self.access.check_upload(caller, source, "media")
-            if len(sources) > 1 and weights is None:
-                weights = [1.0] * len(sources)
-            with torch.no_grad():  # a question-aware bind network reads this turn's question
-                questions = questions_for(adapter, self.lm.model, self.lm.tokenizer, [messages[-1]["content"]])
-                condition = embed_inputs(adapter, sources, kind, weights, questions=questions)
+        condition = self.condition(adapter, media, messages[-1]["content"], caller)
         fmt, default_system, stops = chat_setup(self.lm, adapter)
         system = system.strip() if system and system.strip() else default_system
         guard = {} if repetition_guard else {"repetition_penalty": 1.0, "ngram_guard": 0}
@@ -147,6 +134,23 @@ class Studio:
         ids, notice = self.fit_to_context(messages, fmt, system, int(max_new_tokens))
         return self.engine.submit(ids, params, caller.session, adapter, condition, caller.ip,
                                   queued=not zerogpu.ON_ZERO_GPU), notice
+
+    def condition(self, adapter, media, question: str, caller: Caller = OWNER) -> torch.Tensor | None:
+        """What `media` (see start_reply) adds to `adapter`'s prompts for `question`; None without media."""
+        if media is None:
+            return None
+        kind, sources, weights = (*media, None) if len(media) == 2 else media
+        sources = sources if isinstance(sources, list) else [sources]
+        if not sources or any(s is None for s in sources):
+            raise UserError(f"upload a {kind} file or pick an example first")
+        for source in sources:
+            if isinstance(source, (str, Path)):
+                self.access.check_upload(caller, source, "media")
+        if len(sources) > 1 and weights is None:
+            weights = [1.0] * len(sources)
+        with torch.no_grad():  # a question-aware bind network reads this turn's question
+            questions = questions_for(adapter, self.lm.model, self.lm.tokenizer, [question])
+            return embed_inputs(adapter, sources, kind, weights, questions=questions)
 
     def adapter_for(self, name: str | None, caller: Caller = OWNER):
         """The adapter a request names: "" the default of new sessions, None or NONE the base

@@ -23,6 +23,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ngram_guard: int = 0          # n >= 2: no n-gram of a reply occurs a third time (0: off)
+    ignore_eos: bool = False      # run to max_new_tokens whatever the model says (benchmarks: equal work)
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -103,10 +104,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        # the nucleus (the smallest set of most likely tokens reaching top_p) is a prefix of the sorted
+        # order: when the top k reach top_p it lies among them, so a small top-k replaces sorting all
+        # V logits (6 ms a row at V=49,152 here), grown until it covers top_p
+        probs = logits.softmax(-1)
+        k = 64
+        while True:
+            top, order = probs.topk(min(k, probs.shape[-1]), dim=-1)
+            cum = top.cumsum(-1)
+            if k >= probs.shape[-1] or bool((cum[:, -1] >= params.top_p).all()):
+                break
+            k *= 4
+        top = torch.where(cum - top < params.top_p, top, torch.zeros_like(top))  # keep up to reaching top_p
+        return order.gather(1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.adapter import V2_LINEARS, Adapter
+from core.adapter import V2_LINEARS, AdaptedLinear, Adapter
 from core.model import KVCache, RMSNorm, Transformer
 
 CHUNK = 256  # the cache grows by this many positions
@@ -108,21 +108,12 @@ class RowPrompts(nn.Module):
         return self.gates * out
 
 
-class RowLinear(nn.Module):
-    """A base linear with each row's V2 parts: y = scale_b * (W x + bias_b) + B_b A_b x."""
-
-    def __init__(self, base: nn.Module, bias=None, scale=None, lora_a=None, lora_b=None):
-        super().__init__()
-        self.base, self.bias, self.scale, self.lora_a, self.lora_b = base, bias, scale, lora_a, lora_b
-
-    @property
-    def weight(self):
-        return self.base.weight
+class RowLinear(AdaptedLinear):
+    """AdaptedLinear with each row's own parts: bias and scale (B, 1, out) broadcast over the row's
+    tokens in the same formula; LoRA pairs (B, r, in) and (B, out, r) as batched products."""
 
     def forward(self, x):  # x (B, T, in)
-        y = self.base(x)
-        if self.bias is not None:
-            y = (y + self.bias) * self.scale
+        y = self.without_lora(x)
         if self.lora_a is not None:
             y = y + torch.bmm(torch.bmm(x, self.lora_a.transpose(1, 2)), self.lora_b.transpose(1, 2))
         return y

@@ -57,6 +57,7 @@ class Reply:
     finished: float | None = None
     error: BaseException | None = None
     position: int | None = None  # place in line while it waits for room in the batch (1: next)
+    finish_reason: str | None = None  # "stop" (a stop token or string) or "length" (max new tokens, the context)
     generated: list[int] = field(default_factory=list)
     # the worker's own: its row in the batch, its prompt's prefill cache and progress, the text decoder
     _row: Row | None = field(default=None, repr=False)
@@ -265,10 +266,11 @@ class ChatEngine:
 
     def _emit(self, reply: Reply, token: int) -> bool:
         """Stream `token`'s text; True when the reply is finished."""
-        if token in self.lm.stop_ids:
+        if token in self.lm.stop_ids and not reply.params.ignore_eos:
             tail = reply._text.finish()
             if tail:
                 reply.deltas.put(tail)
+            reply.finish_reason = "stop"
             return True
         reply.generated.append(token)
         if reply._guard is not None:
@@ -281,6 +283,7 @@ class ChatEngine:
             reply.deltas.put(delta)
         at_context = len(reply.ids) + len(reply.generated) >= self.model.args.max_seq_len
         if reply._text.stopped or reply.tokens >= reply.params.max_new_tokens or at_context:
+            reply.finish_reason = "stop" if reply._text.stopped else "length"
             if not reply._text.stopped:
                 tail = reply._text.finish()
                 if tail:

@@ -29,9 +29,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(root: Path, *flags: str, env: dict | None = None, timeout_s: float = 180) -> Iterator[str]:
+def running_app(root: Path, *flags: str, env: dict | None = None, timeout_s: float = 180,
+                ready: str = "config") -> Iterator[str]:
     """`python app.py --adapters ROOT/adapters --runs ROOT/runs FLAGS` on a free port until the
-    block ends; yields its URL. Its output goes to ROOT/app.log."""
+    block ends, once `ready` (a path) answers; yields its URL. Its output goes to ROOT/app.log."""
     port = free_port()
     log = open(root / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--adapters", str(root / "adapters"), "--runs",
@@ -41,7 +42,7 @@ def running_app(root: Path, *flags: str, env: dict | None = None, timeout_s: flo
     deadline = time.time() + timeout_s
     while True:
         try:
-            if httpx.get(url + "config", timeout=2).status_code == 200:
+            if httpx.get(url + ready, timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

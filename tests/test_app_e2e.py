@@ -58,6 +58,12 @@ def wait_for_step(page, job: str, step: int, timeout_s: float):
 
 
 def test_chat_streams_a_reply(page):
+    """Greedy (temperature 0, one setting away from the model's own sampling): the reply repeats."""
+    page.get_by_text("Generation settings").click()
+    temperature = page.locator("#temperature input[type=number]")
+    assert temperature.input_value() == "0.2"  # the model card's default
+    temperature.fill("0")
+    temperature.press("Enter")
     send(page, "What is the capital of France?")
     # streaming: the reply is seen growing before its stats line arrives
     page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot .message.bot');"
@@ -77,12 +83,7 @@ def test_chat_streams_a_reply(page):
 
 
 def test_retry_regenerates_and_undo_returns_the_message(page):
-    """Replies sample at the model's temperature by default; greedy is one setting away, and then
-    Retry regenerates the same reply."""
-    page.get_by_text("Generation settings").click()
-    temperature = page.locator("#temperature input[type=number]")
-    temperature.fill("0")
-    temperature.press("Enter")
+    """Greedy (set above): Retry regenerates the same reply."""
     replies = []
     for _ in range(2):
         page.locator("#retry").click()

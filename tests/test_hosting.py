@@ -22,8 +22,9 @@ OWNER_ACTIONS = {  # the page's events that change shared state, with a visitor'
 def server(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("hosted")
     (root / "adapters").mkdir()
-    for name, seed in (("left", 11), ("right", 12)):
+    for name, seed in (("left", 11), ("right", 12), ("secret", 13)):
         persona_adapter(smollm2, root / "adapters" / f"{name}.safetensors", seed=seed)
+    (root / "adapters" / "keepers.json").write_text('{"secret": "someone-else"}')  # a visitor's private adapter
     with running_app(root, "--public", env={"STUDIO_OWNER_TOKEN": TOKEN}) as url:
         yield url, root
 
@@ -48,7 +49,7 @@ def test_only_the_chat_endpoint_is_listed_or_callable_by_name(server):
             continue
         called = httpx.post(f"{url}gradio_api/call/{name}", json={"data": []})
         assert called.status_code == 404, (name, called.text)  # ...nobody calls them by name
-        assert called.json() == {"error": f"no endpoint /{name}; this server's API: /chat"}
+        assert called.json() == {"error": f"no endpoint /{name}; this server's API: /chat and /v1 (OpenAI-compatible)"}
     with pytest.raises(Exception, match="delete_adapter"):
         client(url).predict("left", api_name="/delete_adapter")
 
@@ -186,3 +187,29 @@ def test_a_visitors_page_shows_owner_controls_disabled_with_why_and_the_owners_p
         page.reload()
         page.wait_for_function("() => document.querySelector('#role')?.innerText.includes('Signed in as the owner')",
                                timeout=60_000)
+
+
+def test_the_api_follows_the_visitor_rules(server):
+    """An API caller is a visitor: it sees published adapters only, and over its limits it gets 429."""
+    import openai
+    url, _ = server
+    api = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0)
+    ids = {m.id for m in api.models.list().data}
+    assert {"smollm2:left", "smollm2:right"} <= ids and "smollm2:secret" not in ids
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="smollm2:secret", messages=[{"role": "user", "content": "Hi."}])
+    owner = openai.OpenAI(base_url=url + "v1", api_key="unused", default_headers={OWNER_HEADER: TOKEN})
+    assert "smollm2:secret" in {m.id for m in owner.models.list().data}  # the owner sees every adapter
+    with pytest.raises(openai.APIStatusError) as too_long:
+        api.chat.completions.create(model="smollm2", max_tokens=4000, messages=[{"role": "user", "content": "Hi."}])
+    assert too_long.value.status_code == 400 and "limit" in too_long.value.body["message"]
+    with pytest.raises(openai.APIStatusError) as too_large:
+        api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "a" * 4001}])
+    assert too_large.value.status_code == 413 and "accepted here: up to 4000" in too_large.value.body["message"]
+    busy = [api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Tell a long story."}],
+                                        max_tokens=200, stream=True) for _ in range(2)]  # the limit: 2 at once
+    with pytest.raises(openai.RateLimitError) as over:
+        api.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi."}], max_tokens=4)
+    assert over.value.body["code"] == "rate_limit_exceeded" and "on the way" in over.value.body["message"]
+    for stream in busy:
+        stream.close()

@@ -182,3 +182,32 @@ def test_embedded_model_batched_greedy_replies_equal_solo_replies(smollm2):
     replies = [engine.submit(ids, SamplingParams(max_new_tokens=32)) for ids in asks]
     assert ["".join(r) for r in replies] == expected and "Paris" in expected[0]
     engine.close()
+
+
+TEN_PROMPTS = ["Write a short poem about the sea.", "How do I make tea?", "Tell me a story about a dragon.",
+               "Explain how rain forms.", "What are some tips for learning to cook?", "Describe your ideal weekend.",
+               "Write a haiku about autumn.", "Why is the sky blue?", "List five fruits and what they taste like.",
+               "Write a short letter to a friend about a trip to the mountains."]
+
+
+def most_repeated_6gram(text: str) -> int:
+    words = text.split()
+    counts = {}
+    for i in range(len(words) - 5):
+        counts[tuple(words[i:i + 6])] = counts.get(tuple(words[i:i + 6]), 0) + 1
+    return max(counts.values(), default=0)
+
+
+def test_embedded_model_at_defaults_gives_ten_replies_without_a_6gram_three_times(smollm2):
+    """The model's own sampling with the repetition guard, as the app, CLI and API use it (a seed
+    each, so the check repeats): the sea poem looped 'a place where the sea is a place' before."""
+    from core.chat_format import render
+    engine = ChatEngine(smollm2)
+    replies = [engine.submit(smollm2.tokenizer.encode(render(smollm2.chat_format, [{"role": "user", "content": q}],
+                                                             smollm2.system_prompt)),
+                             model_sampling(smollm2, max_new_tokens=200, seed=i))
+               for i, q in enumerate(TEN_PROMPTS)]
+    texts = ["".join(r) for r in replies]
+    assert all(len(t.split()) > 20 for t in texts[:6]), texts
+    assert max(most_repeated_6gram(t) for t in texts) < 3, texts
+    engine.close()
