@@ -106,12 +106,17 @@ def test_eight_concurrent_streams_all_complete(client):
     assert all(texts), texts
 
 
-def test_an_image_part_reaches_an_adapter_with_a_bind_network(client):
+def test_image_and_audio_parts_reach_adapters_with_a_bind_network(client):
     png = base64.b64encode((ROOT / "assets/examples/image/red-triangle.png").read_bytes()).decode()
     reply = client.chat.completions.create(model="smollm2:image", temperature=0, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What shape is in the image?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
     assert reply.choices[0].message.content.strip().startswith("triangle")
+    wav = base64.b64encode((ROOT / "assets/examples/audio/tone-low.wav").read_bytes()).decode()
+    reply = client.chat.completions.create(model="smollm2:audio", temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What kind of sound is this?"},
+        {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}])
+    assert reply.choices[0].message.content.strip().startswith("tone")
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):

@@ -148,6 +148,7 @@ def test_a_flood_from_one_client_leaves_another_clients_reply_on_time(server):
     time.sleep(1.0)
     flooded, text = timed_reply(url)
     assert text == expected  # the same reply
+    print(f"reply beside one ordinary chat {normal:.2f} s; under a flood of 50 {flooded:.2f} s")
     assert flooded <= 1.5 * normal + 1.0, (flooded, normal)
     outcomes = []
     for job in flood:
