@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="a public gradio.live link (needs the internet; implies --public)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], help="weight-only quantization of the frozen base (core.quantize; default: int4 for the embedded model on CPU when no --dtype is given, else none)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"])
     p.add_argument("--encoder-weights", metavar="PATH", help="ImageBind's imagebind_huge.pth, for adapters trained "
                    "with --encoder imagebind (default: the cached copy, else the official download)")
@@ -111,7 +112,7 @@ def main(argv=None):
     from app.zerogpu import ON_ZERO_GPU
     access = access_from(args)
     try:  # on ZeroGPU the model goes to "cuda" at start; the GPU itself is lent per reply (app.zerogpu)
-        lm = load_model(args.model, args.dtype, args.device or ("cuda" if ON_ZERO_GPU else None))
+        lm = load_model(args.model, args.dtype, args.device or ("cuda" if ON_ZERO_GPU else None), quantize=args.quantize)
     except UserError as e:
         sys.exit(f"error: {e}")
     if args.encoder_weights:

@@ -21,7 +21,6 @@ from app.media import TABS, media_tab, mix_tab
 from app.studio import NONE, Studio, footer, message_text
 from core.errors import UserError
 from core.generation import model_sampling
-from core.model import count_parameters
 
 TICK_S = 1.5  # how often an open page re-reads the selected job's files
 
@@ -40,8 +39,9 @@ def shown(fn):
 def build(studio: Studio) -> gr.Blocks:
     lm, access = studio.lm, studio.access
     device = str(lm.model.tok_embeddings.weight.device)
-    header = (f"# LLaMA-Adapter studio\n**Model:** {lm.name} · {count_parameters(lm.model) / 1e6:.0f}M parameters · "
-              f"{device} · {lm.chat_format} format · context {lm.model.args.max_seq_len}")
+    precision = getattr(lm.model, "quantization", None) or str(lm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    header = (f"# LLaMA-Adapter studio\n**Model:** {lm.name} · {precision} · {device} · {lm.chat_format} format · "
+              f"context {lm.model.args.max_seq_len}")
     who = access.caller
     max_tokens = min(2048, lm.model.args.max_seq_len - 16)
     defaults = model_sampling(lm)

@@ -2,6 +2,11 @@
 same dequantized weights (same dtype, same thread count), in one process; prints the ratios.
 
     .venv/bin/python bench/bench_decode.py [--model smollm2] [--threads 2] [--new-tokens 64]
+
+With --vs llamacpp: the embedded model at each of our precisions (fp32, bf16, int8, int4) against
+llama.cpp's llama-bench on the GGUF at F32, BF16, Q8_0, Q4_0 and the shipped Q4_1 (made with
+llama-quantize; bench/build_llamacpp.sh builds the peer), batch-1 decode and 128/512-token
+prompts, each measurement a process of its own so that its peak RSS (GNU time's) is its own.
 """
 from __future__ import annotations
 
@@ -27,6 +32,82 @@ def best_of(fn, repeats):
     return min(times)
 
 
+PEER_BIN = Path(__file__).resolve().parent / ".peers/llama.cpp/build/bin"
+OURS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": (None, "int8"), "int4": (None, "int4")}
+PEERS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[str, float]:
+    """Run `cmd` under GNU time; its stdout and peak RSS in MB."""
+    import subprocess
+    done = subprocess.run(["/usr/bin/time", "-f", "RSS %M", *cmd], capture_output=True, text=True, check=True)
+    rss = float(done.stderr.strip().splitlines()[-1].split()[-1]) / 1024
+    return done.stdout, rss
+
+
+@torch.no_grad()
+def one_precision(precision: str, threads: int, new_tokens: int, repeats: int):
+    """Ours at one precision, batch 1: prompt tok/s at 128 and 512 tokens, decode tok/s (JSON)."""
+    import json
+    torch.set_num_threads(threads)
+    dtype, quantize = OURS[precision]
+    lm = load_model("smollm2", dtype, "cpu", quantize=quantize)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for n in (128, 512):
+        x = torch.randint(100, lm.model.args.vocab_size, (1, n), generator=g)
+
+        def prefill():
+            lm.model.setup_cache(1, n + 1)
+            lm.model(x, last_only=True)
+            lm.model.clear_cache()
+        prefill()
+        out[f"pp{n}"] = n / best_of(prefill, repeats)
+    x = torch.randint(100, lm.model.args.vocab_size, (1, 128), generator=g)
+    greedy = SamplingParams(max_new_tokens=new_tokens)
+    gen = lambda: sum(1 for _ in generate_tokens(lm.model, x.tolist(), greedy, stop_ids=set()))  # noqa: E731
+    gen()
+    out["tg"] = new_tokens / (best_of(gen, repeats) - 128 / out["pp128"])
+    print(json.dumps(out))
+
+
+def vs_llamacpp(threads: int, new_tokens: int, repeats: int):
+    import json
+    import subprocess
+    from core.loading import resolve_model_path
+    if not (PEER_BIN / "llama-bench").is_file():
+        sys.exit("llama.cpp is not built: bench/build_llamacpp.sh builds it (about 6 minutes)")
+    shipped = resolve_model_path("smollm2")
+    ggufs = PEER_BIN.parent.parent.parent / "gguf"
+    ggufs.mkdir(exist_ok=True)
+    rows = {}
+    for kind in PEERS:
+        path = shipped if kind == "Q4_1" else ggufs / f"smollm2-{kind}.gguf"
+        if not path.is_file():
+            subprocess.run([str(PEER_BIN / "llama-quantize"), "--allow-requantize", str(shipped), str(path), kind],
+                           check=True, capture_output=True)
+        stdout, rss = peak_rss_mb([str(PEER_BIN / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", "128,512",
+                                   "-n", str(new_tokens), "-r", str(repeats), "-o", "json"])
+        found = {("tg" if r["n_prompt"] == 0 else f"pp{r['n_prompt']}"): r["avg_ts"] for r in json.loads(stdout)}
+        rows[f"llama.cpp {kind}"] = {**found, "rss": rss}
+        print(f"llama.cpp {kind}: {rows[f'llama.cpp {kind}']}", flush=True)
+    for precision in OURS:
+        stdout, rss = peak_rss_mb([sys.executable, __file__, "--one", precision, "--threads", str(threads),
+                                   "--new-tokens", str(new_tokens), "--repeats", str(repeats)])
+        rows[f"ours {precision}"] = {**json.loads(stdout.strip().splitlines()[-1]), "rss": rss}
+        print(f"ours {precision}: {rows[f'ours {precision}']}", flush=True)
+    print(f"\nbatch 1, {threads} threads, {new_tokens} new tokens, best of {repeats}\n")
+    print("| runtime, weights | decode tok/s | prompt tok/s (128) | prompt tok/s (512) | peak RSS |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['tg']:.1f} | {r['pp128']:.0f} | {r['pp512']:.0f} | {r['rss']:.0f} MB |")
+    print()
+    for ours, peer, what in (("int4", "Q4_0", "tg"), ("int4", "Q4_1", "tg"), ("int8", "Q8_0", "tg"),
+                             ("fp32", "F32", "tg"), ("bf16", "F32", "pp128"), ("bf16", "F32", "pp512")):
+        a, b = rows[f"ours {ours}"], rows[f"llama.cpp {peer}"]
+        print(f"ours {ours} / llama.cpp {peer}: {what} {a[what] / b[what]:.2f}x, RSS {a['rss'] - b['rss']:+.0f} MB")
+
+
 @torch.no_grad()
 def main():
     p = argparse.ArgumentParser()
@@ -36,7 +117,13 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--vs", choices=["llamacpp"], help="our precisions against llama.cpp's (see the module docstring)")
+    p.add_argument("--one", choices=list(OURS), help=argparse.SUPPRESS)  # one precision, in a process of its own
     args = p.parse_args()
+    if args.one:
+        return one_precision(args.one, args.threads, args.new_tokens, args.repeats)
+    if args.vs:
+        return vs_llamacpp(args.threads, args.new_tokens, args.repeats)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.dtype, "cpu")
     ours, hf = lm.model, hf_twin(lm.model)

@@ -23,7 +23,7 @@ from torch import nn
 
 from core.errors import UserError, first_line
 from core.files import atomic_path
-from core.model import RMSNorm, Transformer
+from core.model import RMSNorm, Transformer, attend
 
 FORMAT = "llama-adapter"
 FORMAT_VERSION = 1
@@ -103,7 +103,7 @@ class AdaptionPrompt(nn.Module):
         k, v = self.keys_values(attn, q.dtype)
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         # every query over the K prompts only: the prompt part's own softmax
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != k.shape[1])
+        out = attend(q, k, v)
         return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out
 
 
@@ -256,7 +256,9 @@ def base_fingerprint(model: Transformer) -> list[float]:
         for block in (model.layers[0], model.layers[-1]):
             stats.append(block.attention_norm.weight.float().mean() if not hasattr(block.attention_norm, "base")
                          else block.attention_norm.base.weight.float().mean())
-            stats.append(block.attention.wq.weight.float().abs().mean())
+            wq = block.attention.wq
+            wq = getattr(wq, "base", wq)  # under a V2 adapter's wrapper
+            stats.append((wq.dequantize() if hasattr(wq, "dequantize") else wq.weight).float().abs().mean())
     return [round(float(s), 6) for s in stats]
 
 

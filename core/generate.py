@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], help="weight-only quantization of the frozen base (core.quantize; default: int4 for the embedded model on CPU when no --dtype is given, else none)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"])
     return p.parse_args(argv)
 
@@ -76,7 +77,7 @@ def run(args) -> int:
     if args.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps: no MPS device is available here; accepted here: cpu")
     rank = 0
-    lm = load_model(args.model, args.dtype, args.device, args.format)
+    lm = load_model(args.model, args.dtype, args.device, args.format, quantize=args.quantize)
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
         if not args.format:

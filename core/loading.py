@@ -70,7 +70,13 @@ def _gguf_reader(path: Path):
     return PlainArrayReader(str(path))
 
 
-def read_gguf(path: Path):
+NATIVE_GGUF = ("Q4_0", "Q4_1", "Q8_0")  # kept as their blocks for core.quantize (no float copy)
+
+
+def read_gguf(path: Path, keep: bool = False):
+    """The GGUF's model args, weights, tokenizer and chat template. With `keep`, Q4_0/Q4_1/Q8_0
+    matrices stay as their blocks, ("gguf", kind, blocks) in the state, for core.quantize to take
+    their codes; otherwise every tensor is dequantized to fp32."""
     import gguf
     import numpy as np
     try:
@@ -99,22 +105,36 @@ def read_gguf(path: Path):
         if kind not in GGUF_TYPES:
             raise UserError(f"{path.name}: tensor {t.name} has type {kind}, which is not supported; "
                             f"accepted: {', '.join(GGUF_TYPES)}")
+        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+        if t.name != "rope_freqs.weight" and (not m or m.group(2) not in GGUF_NAMES):
+            raise UserError(f"{path.name}: unexpected tensor {t.name} for a llama model")
+        name = t.name if t.name == "rope_freqs.weight" else GGUF_NAMES[m.group(2)] + ".weight"
+        key = f"layers.{m.group(1)}.{name}" if m and m.group(1) else name
+        if keep and kind in NATIVE_GGUF:  # the file's bytes (memory-mapped), unpacked one tensor at a time later
+            state[key] = ("gguf", kind, t.data)
+            if key == "tok_embeddings.weight":  # the embedding is a lookup: its exact values, in bf16
+                from core.quantize import dequantize_rows
+                state["tok_embeddings.float"] = dequantize_rows(t.data, kind, torch.bfloat16)
+            continue
         data = gguf.quants.dequantize(t.data, t.tensor_type) if kind not in ("F32", "F16") else np.asarray(t.data)
         tensor = torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: the mapping is read-only
         if t.name == "rope_freqs.weight":  # Llama-3.1 GGUFs carry the scaled-RoPE factors here
             args.rope_freq_factors = tensor.tolist()
             continue
-        m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
-        if not m or m.group(2) not in GGUF_NAMES:
-            raise UserError(f"{path.name}: unexpected tensor {t.name} for a llama model")
-        name = GGUF_NAMES[m.group(2)] + ".weight"
-        state[f"layers.{m.group(1)}.{name}" if m.group(1) else name] = tensor
+        state[key] = tensor
+    if isinstance(state["tok_embeddings.weight"], tuple):
+        state["tok_embeddings.weight"], state["tok_embeddings.source"] = state.pop("tok_embeddings.float"), \
+            state["tok_embeddings.weight"]
     args.vocab_size = state["tok_embeddings.weight"].shape[0]
     args.tie_embeddings = "output.weight" not in state
     for i in range(args.n_layers):
         for key, heads in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
             k = f"layers.{i}.attention.{key}.weight"
-            state[k] = unpermute_rope(state[k], heads)
+            if isinstance(state[k], tuple):  # whole rows of blocks move, codes and scales alike
+                rows = unpermute_rope(torch.arange(state[k][2].shape[0], dtype=torch.float32)[:, None], heads)
+                state[k] = (*state[k][:2], state[k][2][rows[:, 0].long().numpy()])
+            else:
+                state[k] = unpermute_rope(state[k], heads)
     return args, state, gguf_tokenizer(meta), meta.get("tokenizer.chat_template")
 
 
@@ -266,13 +286,13 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if device == "mps" else torch.float32
 
 
-def read_checkpoint(path: Path):
+def read_checkpoint(path: Path, keep_gguf_quants: bool = False):
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
             raise UserError(f"{path.name} is not a GGUF file; accepted: a .gguf file or a model folder")
-        return read_gguf(path)
+        return read_gguf(path, keep_gguf_quants)
     if (path / "config.json").exists():
         return read_hf_folder(path)
     if (path / "params.json").exists():
@@ -281,13 +301,21 @@ def read_checkpoint(path: Path):
                     "or params.json (Meta), or a .gguf file")
 
 
-def build_model(args: ModelArgs, state: dict, dtype: torch.dtype, device: str | torch.device) -> Transformer:
-    """Build on the meta device and fill from `state`: no random init, one copy of the weights."""
+def build_model(args: ModelArgs, state: dict, dtype: torch.dtype, device: str | torch.device,
+                quantization: str = "none") -> Transformer:
+    """Build on the meta device and fill from `state`: no random init, one copy of the weights.
+    With `quantization` (core.quantize) the linears are replaced before anything moves: those the
+    state holds as GGUF blocks from their codes, the others from their weights."""
+    from core.quantize import quantize
+    sources = {k: v[1:] for k, v in state.items() if isinstance(v, tuple)}
+    if "tok_embeddings.source" in sources:
+        sources["tok_embeddings.weight"] = sources.pop("tok_embeddings.source")
+    state = {k: v for k, v in state.items() if not isinstance(v, tuple)}
     with torch.device("meta"):
         model = Transformer(args)
     if args.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "output.weight"}
-    missing = set(model.state_dict()) - set(state) - ({"output.weight"} if args.tie_embeddings else set())
+    missing = set(model.state_dict()) - set(state) - set(sources) - ({"output.weight"} if args.tie_embeddings else set())
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
     state = {k: v.to(dtype) for k, v in state.items()}
@@ -295,19 +323,26 @@ def build_model(args: ModelArgs, state: dict, dtype: torch.dtype, device: str | 
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args)  # buffers built on the meta device hold no values
+    if quantization != "none":
+        quantize(model, quantization, sources=sources, device=device)
     model = model.to(device).eval().requires_grad_(False)
-    return cpu_decode_layout(model) if str(device) == "cpu" else model
+    return cpu_decode_layout(model) if str(device) == "cpu" and quantization == "none" else model
 
 
 def load_model(name: str, dtype: str | None = None, device: str | None = None,
-               chat_format: str | None = None) -> LoadedModel:
+               chat_format: str | None = None, quantize: str | None = None) -> LoadedModel:
+    """`quantize`: none, int8 or int4 (core.quantize). None: the embedded model on CPU runs its own
+    Q4_1 codes at int4 with bf16 activations unless a dtype is asked for (`dtype="float32"` is
+    the exact path the reference tests use); every other model: none."""
     path = resolve_model_path(name)
     device = device or default_device()
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
-    args, state, tokenizer, template = read_checkpoint(path)
-    model = build_model(args, state, torch_dtype, device)
+    if quantize is None:
+        quantize = "int4" if name == "smollm2" and str(device) == "cpu" and dtype is None else "none"
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if quantize != "none" else default_dtype(device))
+    args, state, tokenizer, template = read_checkpoint(path, keep_gguf_quants=quantize != "none")
+    model = build_model(args, state, torch_dtype, device, quantize)
     fmt = chat_format or detect_format(template, tokenizer.special)
     return LoadedModel(model, tokenizer, fmt, default_system_prompt(template), name, sampling_defaults(name, path))
 

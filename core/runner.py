@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.adapter import V2_LINEARS, AdaptedLinear, Adapter
-from core.model import KVCache, RMSNorm, Transformer
+from core.model import KVCache, RMSNorm, Transformer, attend
 
 CHUNK = 256  # the cache grows by this many positions
 
@@ -103,9 +103,7 @@ class RowPrompts(nn.Module):
         self.k, self.v, self.mask, self.gates = k, v, mask, gates  # (B, n_kv, K, hd) x2, (B, 1, 1, K), (B, H, 1, 1)
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=self.mask,
-                                             enable_gqa=q.shape[1] != self.k.shape[1])
-        return self.gates * out
+        return self.gates * attend(q, self.k, self.v, self.mask)
 
 
 class RowLinear(AdaptedLinear):
@@ -191,7 +189,7 @@ class RowAdapters:
             lora = [(p.lora_a[key], p.lora_b[key]) if p is not None and c.lora_rank else None for c, p in zip(cfgs, parts)]
             if not any(b is not None for b in bias) and not any(lora):
                 continue
-            out_f, in_f = base.weight.shape
+            out_f, in_f = base.out_features, base.in_features
             row_parts = {}
             if any(b is not None for b in bias):
                 row_parts["bias"] = self._per_row(bias, torch.zeros(out_f), dtype)

@@ -98,9 +98,10 @@ def main(argv=None) -> int:
     p.add_argument("--show", type=int, default=5, help="print this many answers")
     p.add_argument("--breakdown", action="store_true", help="also a markdown table by the questions' first two words")
     p.add_argument("--dtype")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], help="weight-only quantization of the frozen base (core.quantize; default: int4 for the embedded model on CPU when no --dtype is given, else none)")
     p.add_argument("--device")
     args = p.parse_args(argv)
-    lm = load_model(args.model, args.dtype, args.device)
+    lm = load_model(args.model, args.dtype, args.device, quantize=args.quantize)
     fmt = args.prompt_format or lm.chat_format
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)

@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="the frozen base's dtype (default: bfloat16 under bf16 precision, else the device's)")
     r.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
+    r.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="train over a weight-only quantized frozen base (core.quantize; gradients reach the "
+                   "adapter through the dequantized products, the base never changes)")
     r.add_argument("--save-every", type=int, default=0, help="write adapter-stepN every N steps")
     r.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps")
     r.add_argument("--fsdp", action="store_true", help="shard the frozen base across processes")
@@ -207,10 +210,13 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     # memory, no per-step casts); the adapter's own parameters stay fp32
     dtype = args.dtype or ("bfloat16" if precision == "bf16" else None)
     # with --fsdp the base is read into CPU memory, then each rank keeps 1/world of it on `device`
-    lm = lm or load_model(args.model, dtype, "cpu" if args.fsdp else device)
+    if args.fsdp and args.quantize != "none":
+        raise UserError("--quantize and --fsdp together are not supported; accepted: one of them")
+    lm = lm or load_model(args.model, dtype, "cpu" if args.fsdp else device, quantize=args.quantize)
     model, tok = lm.model, lm.tokenizer
     base = base_description(model)  # the adapter files' record of the base, taken while it is whole
     base_numel = sum(p.numel() for p in model.parameters())
+    base_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     if args.fsdp:
         apply_fsdp(model, device)
         held = sum(p.to_local().numel() for p in model.parameters())
@@ -312,7 +318,9 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     # 5. the loop
     log.say(f"{lm.name}: {len(examples)} examples, {world} process(es), global batch {global_batch}, "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps, lr {peak_lr:.2e}, "
-            f"adapter K={cfg.prompt_len} L={len(adapter.layers)} ({n_trainable:,} trainable), {precision}")
+            f"adapter K={cfg.prompt_len} L={len(adapter.layers)} ({n_trainable:,} trainable), {precision}, "
+            f"frozen base {args.quantize if args.quantize != 'none' else str(next(model.parameters()).dtype)[6:]} "
+            f"in {base_bytes / 2**20:.0f} MB")
     status("running")
     started, window_tokens, window_start, loss_value, val_loss = time.time(), 0, time.time(), float("nan"), None
     first_step, stopped = step, False

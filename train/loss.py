@@ -48,11 +48,11 @@ def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor,
         with conditioned(model, model.adapter.bind(features.to(inputs.device))):
             return response_loss(model, inputs, targets)
     select = targets != -100
-    head = model.output.weight
-    if torch.is_grad_enabled() and not head.requires_grad and type(head) is torch.nn.Parameter:
+    head = getattr(model.output, "weight", None)  # a quantized head has none: it runs its own kernel below
+    if torch.is_grad_enabled() and head is not None and not head.requires_grad and type(head) is torch.nn.Parameter:
         hidden = model(inputs, select=select, return_hidden=True)
         return FrozenHeadCrossEntropy.apply(hidden, head, targets[select]), int(select.sum())
-    # no gradient wanted, a trainable head, or a sharded one (FSDP gathers it only inside forward)
+    # no gradient wanted, a trainable, quantized or sharded head (FSDP gathers it only inside forward)
     logits = model(inputs, select=select)
     return F.cross_entropy(logits.float(), targets[select], reduction="sum"), int(select.sum())
 
