@@ -35,7 +35,10 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.dev
+	bench/build_llamacpp.sh
 	$(PY) bench/bench_decode.py
+	$(PY) bench/bench_decode.py --vs llamacpp
+	$(PY) bench/bench_serving.py --dtype bfloat16
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_app.py
 

@@ -93,7 +93,9 @@ class Access:
         self.public, self.login, self.token = public, login, token or None
         self.visitor_training = visitor_training
         self.limits = limits or Limits()
-        self.trust_proxy = trust_proxy  # behind a proxy (a Space) the client's address is X-Forwarded-For's first
+        # behind a proxy (a Space) the client's address is the last X-Forwarded-For entry: the one the
+        # proxy appended (earlier entries come from the client and could be anything)
+        self.trust_proxy = trust_proxy
         self._signed_in: set[str] = set()  # caller ids (visitor cookie or session) that signed in as the owner
         self._requests, self._failed_sign_ins = RateWindow(), RateWindow()
 
@@ -123,7 +125,7 @@ class Access:
         headers = getattr(request, "headers", None) or {}
         forwarded = headers.get("x-forwarded-for") if self.trust_proxy else None
         if forwarded:
-            return forwarded.split(",")[0].strip()
+            return forwarded.split(",")[-1].strip()
         client = getattr(request, "client", None)
         return getattr(client, "host", "") or ""
 

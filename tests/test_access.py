@@ -26,9 +26,11 @@ def folder_bytes(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def request(cookie="", token=None, session="s", ip="10.1.1.1"):
+def request(cookie="", token=None, session="s", ip="10.1.1.1", forwarded=None):
     """What a Gradio request carries that the access rules read: headers, cookies, client, session."""
     headers = {OWNER_HEADER: token} if token else {}
+    if forwarded:
+        headers["x-forwarded-for"] = forwarded
     return SimpleNamespace(headers=headers, cookies={VISITOR_COOKIE: cookie} if cookie else {},
                            client=SimpleNamespace(host=ip), session_hash=session)
 
@@ -66,6 +68,10 @@ def test_a_visitor_is_refused_every_owner_action_and_nothing_changes(hosted, tmp
 
 
 def test_the_owner_is_who_signs_in_or_sends_the_token():
+    # behind a Space's proxy the address is the entry the proxy appended, not one the client wrote
+    spoofed = request(ip="10.0.0.1", forwarded="6.6.6.6, 203.0.113.9")
+    assert Access(public=True, trust_proxy=True).caller(spoofed).ip == "203.0.113.9"
+    assert Access(public=True).caller(spoofed).ip == "10.0.0.1"  # no proxy to trust: the socket's address
     local = Access()  # loopback, no secret: the one user is the owner, as today
     assert local.caller(request()).is_owner and local.everyone_is_owner
     nobody = Access(public=True)  # public with no secret: nobody can become the owner
