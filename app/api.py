@@ -134,7 +134,7 @@ def router(studio: Studio, api_key: str | None = None) -> fastapi.APIRouter:
         """Submit, then answer: the whole text, or an SSE stream of chunks."""
         try:
             access.admit(caller, question, params.max_new_tokens, studio.engine.in_flight(caller.session, caller.ip))
-            reply = studio.engine.submit(ids, params, caller.session, adapter, condition, caller.ip)
+            reply = studio.submit(ids, params, caller, adapter, condition)
         except UserError as e:
             raise APIError.of(e) from None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -147,7 +147,7 @@ def router(studio: Studio, api_key: str | None = None) -> fastapi.APIRouter:
             return {"index": 0, "logprobs": None, **fields}
 
         if not data.get("stream"):
-            text = "".join(reply)
+            text = "".join(studio.deltas(reply))
             made = (choice(message={"role": "assistant", "content": text}, finish_reason=reply.finish_reason)
                     if kind == "chat" else choice(text=text, finish_reason=reply.finish_reason))
             return JSONResponse({**head, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -168,7 +168,7 @@ def router(studio: Studio, api_key: str | None = None) -> fastapi.APIRouter:
             if kind == "chat":
                 yield event(choices=[choice(delta={"role": "assistant", "content": ""}, finish_reason=None)])
             try:
-                for delta in reply:
+                for delta in studio.deltas(reply):
                     yield event(choices=[piece(delta)])
             except UserError as e:  # the request failed in the engine: say so in the stream
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error'}})}\n\n"

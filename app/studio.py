@@ -132,8 +132,17 @@ class Studio:
                                 top_p=None if top_p is None else float(top_p))
         params.validate()
         ids, notice = self.fit_to_context(messages, fmt, system, int(max_new_tokens))
+        return self.submit(ids, params, caller, adapter, condition), notice
+
+    def submit(self, ids: list[int], params, caller: Caller, adapter=None, condition=None) -> Reply:
+        """A reply for `caller` (already admitted): queued for the engine's worker, or, on ZeroGPU,
+        left for `deltas` to run inside a GPU call."""
         return self.engine.submit(ids, params, caller.session, adapter, condition, caller.ip,
-                                  queued=not zerogpu.ON_ZERO_GPU), notice
+                                  queued=not zerogpu.ON_ZERO_GPU)
+
+    def deltas(self, reply: Reply, every_s: float | None = None):
+        """A submitted reply's text deltas (with `every_s`, None on each quiet tick, see Reply.updates)."""
+        return zerogpu.stream(self.engine, reply) if zerogpu.ON_ZERO_GPU else reply.updates(every_s)
 
     def condition(self, adapter, media, question: str, caller: Caller = OWNER) -> torch.Tensor | None:
         """What `media` (see start_reply) adds to `adapter`'s prompts for `question`; None without media."""
@@ -279,9 +288,10 @@ class Studio:
         step limit (the cap unless they asked for fewer)."""
         from train.data import load_records
         lim = self.access.limits
-        mine = [j for j in self.runner.jobs(caller.id) if self.runner.view(j).state in ("queued", "running")]
+        states = {j: self.runner.view(j).state for j in self.runner.jobs(caller.id)}
+        mine = [j for j, state in states.items() if state in ("queued", "running")]
         if mine:
-            raise UserError(f"you have a job already ({mine[0]}, {self.runner.view(mine[0]).state}); "
+            raise UserError(f"you have a job already ({mine[0]}, {states[mine[0]]}); "
                             "one at a time: wait for it to end or cancel it")
         if len(self.runner.waiting()) >= lim.jobs_waiting:
             raise UserError(f"the training line is full ({lim.jobs_waiting} jobs waiting); try again later")

@@ -15,7 +15,6 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from app import zerogpu
 from app.access import ANYONE, Caller
 from app.media import TABS, media_tab, mix_tab
 from app.studio import NONE, Studio, footer, message_text
@@ -398,7 +397,7 @@ def stream_reply(studio: Studio, request, history, system_prompt, max_new_tokens
     history = history + [{"role": "assistant", "content": ""}]
     text = ""
     try:
-        for delta in zerogpu.stream(studio.engine, reply) if zerogpu.ON_ZERO_GPU else reply.updates(every_s=0.5):
+        for delta in studio.deltas(reply, every_s=0.5):
             if delta is None:  # nothing new: while it waits for room in the batch, say where it is
                 if reply.position:
                     history[-1]["content"] = f"*Waiting for room: number {reply.position} in line…*"

@@ -28,6 +28,7 @@ from core.errors import UserError
 
 MODES = ("none", "int8", "int4")
 GROUPS = (32, 64, 128)
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # a block of 32 weights in the GGUF file
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -128,9 +129,8 @@ def gguf_blocks(raw, kind: str) -> dict:
     """A Q4_0, Q4_1 or Q8_0 tensor's blocks ((rows, bytes) numpy uint8, as the file holds them) as
     torch tensors: codes (rows, cols) and per-block d (and m), (rows, cols / 32), in fp32."""
     import numpy as np
-    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
     rows = raw.shape[0]
-    blocks = np.asarray(raw).reshape(rows, -1, size)
+    blocks = np.asarray(raw).reshape(rows, -1, BLOCK_BYTES[kind])
     d = torch.from_numpy(blocks[..., :2].copy().view(np.float16).astype(np.float32)[..., 0])
     if kind == "Q8_0":
         codes = blocks[..., 2:].copy().view(np.int8)
@@ -159,7 +159,7 @@ class RowsOf:
 
     def __init__(self, raw, kind: str, device="cpu"):
         self.raw, self.kind, self.device = raw, kind, torch.device(device)
-        self.shape = (raw.shape[0], raw.shape[1] // {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind] * 32)
+        self.shape = (raw.shape[0], raw.shape[1] // BLOCK_BYTES[kind] * 32)
 
     def __call__(self, start: int, end: int) -> torch.Tensor:
         return dequantize_blocks(gguf_blocks(self.raw[start:end], self.kind), self.kind).to(self.device)
@@ -167,7 +167,7 @@ class RowsOf:
 
 def dequantize_rows(raw, kind: str, dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
     """A GGUF tensor's exact values in `dtype`, unpacked `chunk` rows at a time (no fp32 copy of it)."""
-    out = torch.empty(raw.shape[0], raw.shape[1] // {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind] * 32, dtype=dtype)
+    out = torch.empty(raw.shape[0], raw.shape[1] // BLOCK_BYTES[kind] * 32, dtype=dtype)
     for start in range(0, raw.shape[0], chunk):
         out[start:start + chunk] = dequantize_blocks(gguf_blocks(raw[start:start + chunk], kind), kind).to(dtype)
     return out

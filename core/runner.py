@@ -56,7 +56,7 @@ class SlotCache(nn.Module):
         super().__init__()
         self.shape = (n_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
-        self.k = self.v = torch.empty(0, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.free()
 
     @staticmethod
     def tokens_for(rows: int, length: int) -> int:
@@ -92,7 +92,7 @@ class SlotCache(nn.Module):
         self.k[dst, :, :n], self.v[dst, :, :n] = self.k[src, :, :n], self.v[src, :, :n]
 
     def free(self):
-        self.k = self.v = torch.empty(0, *self.k.shape[1:2], 0, self.shape[1], dtype=self.dtype, device=self.device)
+        self.k = self.v = torch.empty(0, self.shape[0], 0, self.shape[1], dtype=self.dtype, device=self.device)
 
 
 class RowPrompts(nn.Module):

@@ -99,7 +99,6 @@ class Reply:
 class ChatEngine:
     def __init__(self, lm: LoadedModel, max_batch: int = 16, kv_budget: int = 32768, prefill_chunk: int = 512):
         self.lm, self.model = lm, lm.model
-        self.prefill_chunk = prefill_chunk
         self.scheduler = Scheduler(lm.model.args.max_seq_len, max_batch, kv_budget, prefill_chunk)
         self.runner = Runner(lm.model)
         self._inbox: queue.Queue[Reply | None] = queue.Queue()
@@ -198,14 +197,14 @@ class ChatEngine:
             running = list(self.scheduler.running)
             if running:
                 try:
-                    done = self._decode_step(self.runner, running)
-                    finished += [r for r, d in zip(running, done) if d]
+                    done = [r for r, d in zip(running, self._decode_step(self.runner, running)) if d]
                 except Exception as e:  # nothing a request can send does this: fail the batch, keep serving
                     for reply in running:
                         reply.error = e
-                    finished += running
-            for reply in finished:
-                self._end(self.runner, reply)
+                    done = running
+                for reply in done:
+                    self._end(self.runner, reply)
+                finished += done
             if not self.scheduler.all() and self._resting is not None:  # idle: the model as it was given,
                 self._resting.attach(self.model)                         # before anyone hears the end
             for reply in finished:
@@ -232,12 +231,13 @@ class ChatEngine:
                     device = self.model.tok_embeddings.weight.device
                     reply._rng = torch.Generator(device=device).manual_seed(reply.params.seed)
         first = replies[0]
-        if len(replies) == 1 and (first._prefilled or len(first.ids) > self.prefill_chunk):  # a long prompt
+        chunk = self.scheduler.chunk
+        if len(replies) == 1 and (first._prefilled or len(first.ids) > chunk):  # a long prompt
             if first._own is None:
                 first._own = runner.start(len(first.ids))
             start = first._prefilled
-            logits = runner.prefill(first._row, first._own, first.ids[start:start + self.prefill_chunk], start)
-            first._prefilled += len(first.ids[start:start + self.prefill_chunk])
+            logits = runner.prefill(first._row, first._own, first.ids[start:start + chunk], start)
+            first._prefilled += len(first.ids[start:start + chunk])
             if first._prefilled < len(first.ids):
                 return []
             first._row.length = len(first.ids)

@@ -229,8 +229,10 @@ class JobRunner:
         return added
 
     def delete(self, job_id: str):
-        if self.view(job_id).state in ("running", "queued"):
-            raise UserError(f"job {job_id} is {self.view(job_id).state}; cancel it first")
+        self._dir(job_id)  # an unknown or malformed id is refused first
+        state = self._state(job_id)[0]
+        if state in ("running", "queued"):
+            raise UserError(f"job {job_id} is {state}; cancel it first")
         shutil.rmtree(self._dir(job_id))
 
     # -- helpers --------------------------------------------------------------------------
