@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--kv-budget", type=int, default=32768, help="KV cache positions for all replies at once; "
                    "requests beyond it wait in line")
     e.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens a step beside the decoding replies")
+    e.add_argument("--compile", action="store_true", help="compile the decode step (core.compiled) before serving: "
+                   "about 3x faster a token on CPU; minutes at the first start, seconds once cached")
     return p.parse_args(argv)
 
 
@@ -122,6 +124,11 @@ def main(argv=None):
     studio = Studio(lm, args.adapters, args.runs, model_name=args.model, access=access,
                     max_running_jobs=args.max_jobs or default_max_jobs(device),
                     engine={"max_batch": args.max_batch, "kv_budget": args.kv_budget, "prefill_chunk": args.prefill_chunk})
+    if args.compile:
+        from core.compiled import compile_decode
+        compile_decode(lm.model)
+        print("compiling the decode step (minutes at a first start, seconds once cached) ...", flush=True)
+        studio.engine.warm_up()
     if access.public:
         print("public mode: visitors chat on adapters of their choice" +
               (" and train within limits" if access.visitor_training else "") + "; " +

@@ -33,7 +33,9 @@ def best_of(fn, repeats):
 
 
 PEER_BIN = Path(__file__).resolve().parent / ".peers/llama.cpp/build/bin"
-OURS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": (None, "int8"), "int4": (None, "int4")}
+# precision: (dtype, quantize, compiled decode step)
+OURS = {"fp32": ("float32", "none", False), "bf16": ("bfloat16", "none", False), "int8": (None, "int8", False),
+        "int4": (None, "int4", False), "int8 compiled": (None, "int8", True), "int4 compiled": (None, "int4", True)}
 PEERS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
@@ -50,8 +52,11 @@ def one_precision(precision: str, threads: int, new_tokens: int, repeats: int):
     """Ours at one precision, batch 1: prompt tok/s at 128 and 512 tokens, decode tok/s (JSON)."""
     import json
     torch.set_num_threads(threads)
-    dtype, quantize = OURS[precision]
+    dtype, quantize, compiled = OURS[precision]
     lm = load_model("smollm2", dtype, "cpu", quantize=quantize)
+    if compiled:  # the compile happens in the untimed first generation below
+        from core.compiled import compile_decode
+        compile_decode(lm.model)
     g = torch.Generator().manual_seed(0)
     out = {}
     for n in (128, 512):
@@ -63,11 +68,24 @@ def one_precision(precision: str, threads: int, new_tokens: int, repeats: int):
             lm.model.clear_cache()
         prefill()
         out[f"pp{n}"] = n / best_of(prefill, repeats)
-    x = torch.randint(100, lm.model.args.vocab_size, (1, 128), generator=g)
-    greedy = SamplingParams(max_new_tokens=new_tokens)
-    gen = lambda: sum(1 for _ in generate_tokens(lm.model, x.tolist(), greedy, stop_ids=set()))  # noqa: E731
-    gen()
-    out["tg"] = new_tokens / (best_of(gen, repeats) - 128 / out["pp128"])
+    greedy = SamplingParams(max_new_tokens=new_tokens + 1)
+
+    def decode_rate(rows: int) -> float:
+        """Tokens a second over `new_tokens` steps after a 128-token prompt (timed from the first
+        token on, so the prefill is not in it), `rows` sequences at once."""
+        x = torch.randint(100, lm.model.args.vocab_size, (rows, 128), generator=g).tolist()
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up (and the compile, if any)
+            steps = generate_tokens(lm.model, x, greedy, stop_ids=set())
+            next(steps)
+            t = time.perf_counter()
+            for _ in steps:
+                pass
+            times.append(time.perf_counter() - t)
+        return rows * new_tokens / min(times[1:])
+    out["tg"] = decode_rate(1)
+    if precision.startswith("int4"):
+        out["tg8"] = decode_rate(8)
     print(json.dumps(out))
 
 
@@ -102,7 +120,10 @@ def vs_llamacpp(threads: int, new_tokens: int, repeats: int):
     for name, r in rows.items():
         print(f"| {name} | {r['tg']:.1f} | {r['pp128']:.0f} | {r['pp512']:.0f} | {r['rss']:.0f} MB |")
     print()
-    for ours, peer, what in (("int4", "Q4_0", "tg"), ("int4", "Q4_1", "tg"), ("int8", "Q8_0", "tg"),
+    for name in ("int4", "int4 compiled"):
+        print(f"ours {name}, batch 8: decode {rows[f'ours {name}']['tg8']:.1f} tok/s in all")
+    for ours, peer, what in (("int4 compiled", "Q4_0", "tg"), ("int4 compiled", "Q4_1", "tg"),
+                             ("int8 compiled", "Q8_0", "tg"), ("int4", "Q4_0", "tg"), ("int8", "Q8_0", "tg"),
                              ("fp32", "F32", "tg"), ("bf16", "F32", "pp128"), ("bf16", "F32", "pp512")):
         a, b = rows[f"ours {ours}"], rows[f"llama.cpp {peer}"]
         print(f"ours {ours} / llama.cpp {peer}: {what} {a[what] / b[what]:.2f}x, RSS {a['rss'] - b['rss']:+.0f} MB")

@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["none", "int8", "int4"], help="weight-only quantization of the frozen base (core.quantize; default: int4 for the embedded model on CPU when no --dtype is given, else none)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--compile", action="store_true", help="compile the one-token decode step (core.compiled): "
+                   "about 3x faster a token on CPU after a compile of minutes, seconds once cached")
     return p.parse_args(argv)
 
 
@@ -78,6 +80,9 @@ def run(args) -> int:
         raise UserError("--device mps: no MPS device is available here; accepted here: cpu")
     rank = 0
     lm = load_model(args.model, args.dtype, args.device, args.format, quantize=args.quantize)
+    if args.compile:
+        from core.compiled import compile_decode
+        compile_decode(lm.model)
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
         if not args.format:

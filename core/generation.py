@@ -148,6 +148,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
     guards = [RepeatGuard(params.ngram_guard) if params.ngram_guard else None for _ in range(B)]
     done = [False] * B
     model.setup_cache(B, total)
+    step = model.decode_step or model
     try:
         logits = model(tokens, 0, key_mask[:, :longest] if padded else None, last_only=True)
         for pos in range(longest, total):
@@ -166,7 +167,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
                 return
             if seen is not None:
                 seen = torch.cat([seen, nxt[:, None]], 1)
-            logits = model(nxt[:, None], pos, key_mask[:, :pos + 1] if padded else None)
+            logits = step(nxt[:, None], pos, key_mask[:, :pos + 1] if padded else None)
     finally:
         model.clear_cache()
 

@@ -188,6 +188,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.decode_step = None  # the one-token forward compiled (core.compiled); None: this forward
 
     # -- KV cache ---------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int):

@@ -322,7 +322,7 @@ class Runner:
         if self._adapters is None:
             self._adapters = RowAdapters(model, rows)
         x = torch.tensor(tokens, device=device)[:, None]
-        logits = self._forward_on(self.caches, self._adapters, lambda: model(
+        logits = self._forward_on(self.caches, self._adapters, lambda: (model.decode_step or model)(
             x, DecodeStep(positions, length), positions=positions[:, None], attn_mask=mask))[:, -1]
         for row in rows:
             row.length += 1

@@ -115,6 +115,14 @@ class ChatEngine:
         self._inbox.put(None)  # wakes an idle worker
         self._worker.join(timeout_s)
 
+    def warm_up(self):
+        """Run the decode step at one row and at several before requests come: a compiled step
+        (core.compiled) compiles at each kind's first use."""
+        for rows in (1, 2):
+            replies = [self.submit([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True)) for _ in range(rows)]
+            for reply in replies:
+                "".join(reply)
+
     # -- the public side ------------------------------------------------------------------
     def submit(self, ids: list[int], params: SamplingParams, owner: str = "", adapter: Adapter | None = None,
                condition: torch.Tensor | None = None, client: str = "", queued: bool = True) -> Reply:

@@ -1,0 +1,51 @@
+"""The compiled decode step (core.compiled) on a tiny random model (math: it must give the eager
+step's tokens, alone and in the engine's batches), and its fallback when compiling really fails
+(no C++ compiler: CXX points at /bin/false, with an empty inductor cache), in a subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from core.compiled import compile_decode
+from core.generation import SamplingParams, generate_tokens
+from core.loading import load_model
+from core.serving import ChatEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def greedy_ids(model, prompts, n):
+    return [step for step in generate_tokens(model, prompts, SamplingParams(max_new_tokens=n, ignore_eos=True), set())]
+
+
+def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
+    lm = load_model(str(tiny_dir), "float32", "cpu")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 250, (n,), generator=g).tolist() for n in (9, 17)]  # unequal: padded rows
+    eager_one, eager_two = greedy_ids(lm.model, prompts[:1], 12), greedy_ids(lm.model, prompts, 12)
+    engine = ChatEngine(lm)
+    try:
+        eager_engine = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in prompts]
+        eager_engine = ["".join(r) for r in eager_engine]
+        compile_decode(lm.model)
+        assert greedy_ids(lm.model, prompts[:1], 12) == eager_one
+        assert greedy_ids(lm.model, prompts, 12) == eager_two
+        replies = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in prompts]
+        assert ["".join(r) for r in replies] == eager_engine
+    finally:
+        engine.close()
+    assert not lm.model.decode_step.failed
+
+
+def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
+    cmd = [sys.executable, "-m", "core.generate", "--model", str(tiny_dir), "--prompt", "the fox and",
+           "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CXX": "/bin/false"}
+    eager = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    broken = subprocess.run(cmd + ["--compile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert eager.returncode == 0 and broken.returncode == 0, broken.stderr[-2000:]
+    assert broken.stdout == eager.stdout and eager.stdout.strip()
+    notices = [line for line in broken.stderr.splitlines() if "compiled decode step failed" in line]
+    assert len(notices) == 1 and notices[0].endswith("decoding eagerly"), broken.stderr[-2000:]
