@@ -38,6 +38,7 @@ bench: $(VENV)/.dev
 	bench/build_llamacpp.sh
 	$(PY) bench/bench_decode.py
 	$(PY) bench/bench_decode.py --vs llamacpp
+	$(PY) bench/bench_exactness.py
 	$(PY) bench/bench_serving.py --dtype bfloat16
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_app.py
@@ -46,6 +47,7 @@ claims: $(VENV)/.dev
 	$(PY) -m train.claims.zero_init
 	$(PY) -m train.claims.layers
 	$(PY) -m train.claims.vs_lora
+	$(PY) -m train.claims.backbones
 
 clean:
 	rm -rf $(VENV)
