@@ -119,7 +119,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         # An adapter's gated adaption prompt (core.adapter.AdaptionPrompt); None for the base model.
         self.prompt: nn.Module | None = None
-        self.wqkv: torch.Tensor | None = None  # [wq; wk; wv] in one storage (cpu_decode_layout)
+        self.wqkv = None  # [wq; wk; wv] in one storage (cpu_decode_layout, core.quantize.fuse)
 
     def forward(self, x, cos, sin, mask, start_pos: int):
         B, T, _ = x.shape
@@ -157,7 +157,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
-        self.w13: torch.Tensor | None = None  # [w1; w3] in one storage (cpu_decode_layout)
+        self.w13 = None  # [w1; w3] in one storage (cpu_decode_layout, core.quantize.fuse)
 
     def forward(self, x):
         gate, up = project(x, (self.w1, self.w3), self.w13)
@@ -264,10 +264,14 @@ class Transformer(nn.Module):
         return h if return_hidden else self.output(h).float()
 
 
-def project(x: torch.Tensor, linears, fused: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """x through each of `linears`: one matmul on their `fused` weight while it still holds them."""
-    if still_fused(linears, fused):
-        return F.linear(x, fused).split([linear.out_features for linear in linears], dim=-1)
+def project(x: torch.Tensor, linears, fused) -> tuple[torch.Tensor, ...]:
+    """x through each of `linears`, in one call while `fused` still holds them: a float weight
+    (cpu_decode_layout) or a quantized kernel (core.quantize.Fused)."""
+    if isinstance(fused, torch.Tensor):
+        if still_fused(linears, fused):
+            return F.linear(x, fused).split([linear.out_features for linear in linears], dim=-1)
+    elif fused is not None and fused.holds(linears):
+        return fused(x).split([linear.out_features for linear in linears], dim=-1)
     return tuple(linear(x) for linear in linears)
 
 

@@ -98,6 +98,30 @@ def test_embedded_model_says_paris_quantized(mode):
     assert "Paris" in Generator(lm.model, lm.tokenizer, lm.stop_ids).generate([ids], SamplingParams(max_new_tokens=16))[0]
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_embedded_model_fused_projections_equal_the_separate_calls_exactly(mode):
+    """q|k|v and gate|up run as one quantized call each, over codes the separate linears still view."""
+    lm = load_model("smollm2", device="cpu", quantize=mode)
+    model, tokens = lm.model, torch.tensor([[1, 504, 3458, 314, 260, 3575, 282, 4649, 47]])
+    attn, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert attn.wqkv.holds((attn.wq, attn.wk, attn.wv)) and ffn.w13.holds((ffn.w1, ffn.w3))
+    codes = "codes" if mode == "int8" else "packed"
+    assert getattr(attn.wk, codes).untyped_storage().data_ptr() == getattr(attn.wqkv.kernel, codes).untyped_storage().data_ptr()
+    with torch.no_grad():
+        fused = model(tokens)
+        saved = [(layer.attention.wqkv, layer.feed_forward.w13) for layer in model.layers]
+        for layer in model.layers:
+            layer.attention.wqkv = layer.feed_forward.w13 = None
+        assert torch.equal(model(tokens), fused)
+        for layer, (qkv, w13) in zip(model.layers, saved):
+            layer.attention.wqkv, layer.feed_forward.w13 = qkv, w13
+        adapter = Adapter.create(model, AdapterConfig(prompt_len=4, layers=2, bias_scale=True)).attach(model)
+        top = model.layers[-1].attention
+        assert not top.wqkv.holds((top.wq, top.wk, top.wv))  # wrapped by V2: separate calls again
+        assert torch.equal(model(tokens), fused)
+        adapter.detach()
+
+
 def test_embedded_model_default_on_cpu_is_its_own_q4_1_codes_at_int4():
     lm = load_model("smollm2", device="cpu")
     assert lm.model.quantization == "int4" and isinstance(lm.model.layers[0].attention.wq, Int4Linear)
