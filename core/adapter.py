@@ -48,6 +48,9 @@ class AdapterConfig:
     prompt_bind_scales: bool = False  # each prompt takes the bind output through its own per-channel
                                   # scale (see AdaptionPrompt); off: the same addition to every prompt, as ImageBind-LLM
     bind_question: bool = False   # the bind network reads the question too (core.multimodal.BindNetwork)
+    fusion_layers: int = 0        # the media condition reaches only the lowest N adapted layers (early
+                                  # fusion, as the V2 paper describes it); 0: every adapted layer (late,
+                                  # as the released code does)
 
 
 class AdaptionPrompt(nn.Module):

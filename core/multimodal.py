@@ -157,11 +157,16 @@ class FeatureCache:
 
 @contextlib.contextmanager
 def conditioned(model: Transformer, condition: torch.Tensor | None):
-    """Run `model` with `condition` (B, dim) added to its adapter's prompts; cleared on exit."""
+    """Run `model` with `condition` (B, dim) added to its adapter's prompts; cleared on exit. With
+    early fusion (`fusion_layers` N) only the lowest N adapted layers take it; the others keep their
+    prompts alone."""
     adapter = getattr(model, "adapter", None)
     if condition is not None and adapter is None:
         raise UserError("a multimodal input needs an adapter attached to the model")
-    prompts = [model.layers[int(i)].attention.prompt for i in adapter.layers] if adapter is not None else []
+    layers = sorted(int(i) for i in adapter.layers) if adapter is not None else []
+    if adapter is not None and adapter.cfg.fusion_layers:
+        layers = layers[:adapter.cfg.fusion_layers]
+    prompts = [model.layers[i].attention.prompt for i in layers]
     for prompt in prompts:
         prompt.condition = condition
     try:

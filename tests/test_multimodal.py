@@ -229,3 +229,48 @@ def test_tiny_random_question_aware_bind_network_reads_each_question_with_the_in
     text.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
     with pytest.raises(UserError, match="--bind-question needs image, audio or points records"):
         run(parse_args([*common[:3], str(text), *common[4:], "--out", str(tmp_path / "text")]), lm)
+
+
+def test_tiny_random_early_fusion_conditions_only_the_lowest_adapted_layers():
+    model = tiny_random_model()
+    early = trained_copy(Adapter.create(model, AdapterConfig(prompt_len=3, layers=2, fusion_layers=1)))
+    late = Adapter.create(model, AdapterConfig(prompt_len=3, layers=2))
+    late.load_state_dict(early.state_dict())
+    tokens, condition = x_tokens(batch=2), torch.randn(2, model.args.dim)
+    outputs = {}
+    with torch.no_grad():
+        for name, adapter in (("early", early), ("late", late)):
+            adapter.attach(model)
+            with conditioned(model, condition):
+                taken = [model.layers[int(i)].attention.prompt.condition is not None for i in sorted(adapter.layers, key=int)]
+                outputs[name] = model(tokens)
+            outputs[name + " text"] = model(tokens)
+            adapter.detach()
+    assert taken == [True, True] and early.cfg.fusion_layers == 1
+    early.attach(model)
+    with conditioned(model, condition):
+        assert [model.layers[int(i)].attention.prompt.condition is not None
+                for i in sorted(early.layers, key=int)] == [True, False]  # only the lower of the two
+    early.detach()
+    assert torch.equal(outputs["early text"], outputs["late text"])  # without media the two are one adapter
+    assert not torch.allclose(outputs["early"], outputs["late"], atol=1e-5)
+
+
+def test_tiny_random_points_records_train_with_early_fusion_and_the_file_keeps_it(tmp_path):
+    from core.adapter import load_adapter
+    from train.finetune import parse_args, run
+    lm = tiny_points_setup(tmp_path, "tiny-random-points", n_train=12, n_test=4)
+    out = tmp_path / "run"
+    flags = ["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "points" / "train.jsonl"), "--out", str(out),
+             "--encoder", "tiny-random-points", "--layers", "2", "--prompt-len", "4", "--batch-size", "8", "--lr", "0.05",
+             "--epochs", "6", "--warmup-epochs", "0", "--precision", "fp32"]
+    with pytest.raises(UserError, match="--fusion-layers must be 1..1"):
+        run(parse_args(flags + ["--fusion", "early", "--fusion-layers", "2"]), lm)
+    with pytest.raises(UserError, match="goes with --fusion early"):
+        run(parse_args(flags + ["--fusion-layers", "1"]), lm)
+    adapter = run(parse_args(flags + ["--fusion", "early"]), lm)
+    assert adapter.cfg.fusion_layers == 1  # half of the two adapted layers
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    adapter.detach()
+    assert load_adapter(out / "adapter.safetensors", lm.model).cfg.fusion_layers == 1

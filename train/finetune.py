@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--prompt-bind-scales", action="store_true",
                    help="each adaption prompt scales the bind output by its own learned per-channel weights, so "
                    "questions can pick parts of the input (not in ImageBind-LLM: it adds one vector to every prompt)")
+    a.add_argument("--fusion", choices=("late", "early"), default="late",
+                   help="late: the media input reaches every adapted layer (the released code); early: only the "
+                   "lowest --fusion-layers of them, the rest keep their prompts alone (the V2 paper)")
+    a.add_argument("--fusion-layers", type=int, default=0, help="with --fusion early: how many of the lowest "
+                   "adapted layers take the media input (default: half of them)")
     a.add_argument("--bind-question", action="store_true",
                    help="the bind network reads the question too (the mean of its token embeddings), so it passes "
                    "what is asked about the input, as InstructBLIP's Q-Former (not in ImageBind-LLM)")
@@ -107,6 +112,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- the distributed set-up: one process unless torchrun started several --------------------------
+def fusion_layers(args, n_layers: int, has_media: bool) -> int:
+    """AdapterConfig.fusion_layers from --fusion / --fusion-layers (0: late fusion)."""
+    if args.fusion == "late":
+        if args.fusion_layers:
+            raise UserError("--fusion-layers goes with --fusion early; accepted: --fusion early --fusion-layers N")
+        return 0
+    if not has_media:
+        raise UserError("--fusion early needs image, audio or points records: text-only records have no media input")
+    adapted = min(args.layers, n_layers)
+    n = args.fusion_layers or max(1, adapted // 2)
+    if not 1 <= n < adapted:
+        raise UserError(f"--fusion-layers must be 1..{adapted - 1} (fewer than the {adapted} adapted layers), got {n}")
+    return n
+
+
 def setup_distributed(device: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -230,7 +250,8 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
     cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim,
-                        prompt_bind_scales=args.prompt_bind_scales, bind_question=args.bind_question)
+                        prompt_bind_scales=args.prompt_bind_scales, bind_question=args.bind_question,
+                        fusion_layers=fusion_layers(args, lm.model.args.n_layers, bool(encoder)))
     if args.bind_question and not encoder:
         raise UserError("--bind-question needs image, audio or points records: text-only records have no bind network")
     stage_one = None
