@@ -15,7 +15,7 @@ interpreter between them.
   its own position), and rows with adapters apart from rows without: up to six graphs in all.
 - The compile is paid once a process, at the first step: ~3 minutes on 2 cores with a cold cache,
   ~20 s with inductor's on-disk cache warm (`TORCHINDUCTOR_CACHE_DIR`; ours by default, so it
-  survives /tmp cleaners). `warm_up` runs it before a server takes requests.
+  survives /tmp cleaners). `core.serving.ChatEngine.warm_up` runs it before a server takes requests.
 - Any failure to compile or run the compiled step prints one notice and decodes eagerly from then.
 """
 from __future__ import annotations
@@ -63,14 +63,3 @@ def compile_decode(model: Transformer) -> Transformer:
     model.decode_step = CompiledStep(model.forward)
     return model
 
-
-@torch.no_grad()
-def warm_up(model: Transformer, rows: int = 1):
-    """Compile now (a server calls this before it takes requests), on a throwaway cache."""
-    if model.decode_step is None:
-        return
-    model.setup_cache(rows, 8)
-    try:
-        model.decode_step(torch.zeros(rows, 1, dtype=torch.long, device=model.tok_embeddings.weight.device), 0)
-    finally:
-        model.clear_cache()
