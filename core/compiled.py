@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
 import torch
 
+from core.files import cache_dir
 from core.model import Transformer
-
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-adapter-studio" / "inductor"
-
 
 class CompiledStep:
     """`forward` compiled on its first call; `forward` itself after a failure (said once)."""
@@ -59,7 +55,7 @@ class CompiledStep:
 
 def compile_decode(model: Transformer) -> Transformer:
     """The model's one-token steps run compiled from now on (see the module docstring)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     model.decode_step = CompiledStep(model.forward)
     return model
 

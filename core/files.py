@@ -29,3 +29,8 @@ def atomic_path(path: str | os.PathLike):
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def cache_dir() -> Path:
+    """The studio's cache folder (encoder weights, unpacked models, compiled kernels); STUDIO_CACHE moves it."""
+    return Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "llama-adapter-studio"))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from core.encoders import Encoder, embed_by_group, register
 from core.errors import UserError, first_line
+from core.files import cache_dir
 
 URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 FILE = "imagebind_huge.pth"
@@ -209,10 +210,6 @@ def imu_tensor(series: np.ndarray) -> torch.Tensor:
 
 
 # -- weights -------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    return Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "llama-adapter-studio"))
-
-
 def missing_weights(reason: str, file: str = FILE, url: str | None = URL, what: str = "ImageBind") -> UserError:
     where = f"download {url} and pass" if url else "pass"
     size = ", 4.5 GB" if file == FILE else ""

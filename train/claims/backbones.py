@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.files import cache_dir
 from core.gated_prompts import add_gated_prompts
 
 OUT = Path("artifacts/claims")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llama-adapter-studio" / "all-MiniLM-L6-v2"
+CACHE = cache_dir() / "all-MiniLM-L6-v2"
 
 POSITIVE = ["good", "great", "wonderful", "excellent", "lovely", "superb", "enjoyable", "fantastic", "pleasant",
             "brilliant", "charming", "delightful"]
