@@ -28,7 +28,7 @@ def storage_root() -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file, or a HF/Meta folder")
+    p.add_argument("--model", default="smollm2", help="smollm2, a Hub id OWNER/NAME[@REVISION], a .gguf file, or a HF/Meta folder")
     p.add_argument("--adapters", default=str(storage_root() / "adapters"), help="the adapter registry's folder")
     p.add_argument("--runs", default=str(storage_root() / "runs"), help="where training jobs write their run folders")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -2,7 +2,7 @@
 llama.cpp's server, Ollama, vLLM and LM Studio follow, so any OpenAI client talks to the studio.
 
 - GET /v1/models: the base model and each usable adapter as BASE:ADAPTER (e.g. smollm2:pirate).
-- POST /v1/chat/completions: messages (text, and for adapters with a bind network `image_url`
+- POST /v1/chat/completions: messages (text, and for media adapters `image_url`
   data URLs and `input_audio` parts), temperature, top_p, max_tokens, stop, seed, n=1, stream
   (SSE `data:` chunks ending in [DONE]; `stream_options.include_usage` adds the usage chunk);
   `ignore_eos` (vLLM's and llama.cpp's extension) runs a reply to max_tokens.

@@ -1,5 +1,6 @@
 """The media tabs: ask about an uploaded (or example) input through an adapter trained on that
-kind of input, whose bind network adds the encoder's embedding to the adaption prompts."""
+kind of input, whose bind network (or V2 visual queries) adds the encoder's output to the adaption
+prompts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -101,7 +102,7 @@ def media_tab(studio: Studio, kind: str, stream_reply, user_turn, max_new):
                 else:
                     side = gr.Label(label=side_label, num_top_classes=7, elem_id=f"{kind}-labels")
             with gr.Column(scale=2):
-                adapter, chatbot, ask = ask_column(studio, kind, f"Adapter (with a bind network for {title.lower()} inputs)",
+                adapter, chatbot, ask = ask_column(studio, kind, f"Adapter (trained on {title.lower()} inputs)",
                                                    f"Ask about the {title.lower()}", placeholder)
 
         panels = [p for p in (view, side, classes) if p is not None]

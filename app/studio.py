@@ -13,6 +13,7 @@ import torch
 
 from app import zerogpu
 from app.access import OWNER, Access, Caller
+from core.adapter import SHIPPED
 from core.chat_format import render
 from core.errors import UserError
 from core.generation import model_sampling
@@ -23,7 +24,6 @@ from core.serving import ChatEngine, Reply, chat_setup
 from train.jobs import JobRunner
 
 NONE = "(none)"
-SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "adapters"
 FOOTER = re.compile(r"\n\n<sub>(?:\d+|no) tokens · [^\n]*</sub>$")  # the stats line under each reply; not sent to the model
 
 
@@ -189,7 +189,8 @@ class Studio:
 
     def media_adapters(self, kind: str, caller: Caller = OWNER) -> list[str]:
         """Adapters trained on `kind` inputs (their encoder reads that kind); for "mix", those whose
-        encoder reads several of the app's kinds into one space (ImageBind)."""
+        encoder reads several of the app's kinds into one space (ImageBind). The one named after the
+        kind (the shipped one, as the CLI picks it) comes first: the tab starts on it."""
         from core.encoders import KINDS, encoder_kinds
         names = []
         for e in self.entries(caller):
@@ -201,7 +202,7 @@ class Studio:
                         names.append(e.name)
                 except UserError:  # an encoder this version does not know
                     pass
-        return names
+        return sorted(names, key=lambda name: name != kind)  # stable: the rest keep the registry's order
 
     def make_default(self, name: str | None, caller: Caller = OWNER) -> str:
         """Set the adapter new sessions start on (or none); sessions already open keep their choice."""

@@ -25,6 +25,7 @@ from core.errors import UserError, first_line
 from core.files import atomic_path
 from core.model import RMSNorm, Transformer, attend
 
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "adapters"  # made for the embedded model, one per kind
 FORMAT = "llama-adapter"
 FORMAT_VERSION = 1
 V2_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -51,10 +52,15 @@ class AdapterConfig:
     fusion_layers: int = 0        # the media condition reaches only the lowest N adapted layers (early
                                   # fusion, as the V2 paper describes it); 0: every adapted layer (late,
                                   # as the released code does)
+    visual_blocks: int = 0        # V2's visual queries (core.multimodal.VisualQuery) in place of the bind
+    visual_width: int = 768       # network: this many ViT blocks of this width and head count over K
+    visual_heads: int = 16        # learnable queries and the encoder's tokens; 0: the bind network
+    gate_scale: bool = False      # a second gate per layer, one number multiplying tanh(gate), 1 at init
+                                  # (V2.1's new_gate in its LoRA releases)
 
 
 class AdaptionPrompt(nn.Module):
-    def __init__(self, prompt_len: int, dim: int, n_heads: int, bind_scales: bool = False):
+    def __init__(self, prompt_len: int, dim: int, n_heads: int, bind_scales: bool = False, gate_scale: bool = False):
         super().__init__()
         # N(0, 1) like the hidden states wk/wv normally see: a zero prompt would give zero keys
         # and values, and with the gate at zero neither would ever get a gradient.
@@ -69,6 +75,12 @@ class AdaptionPrompt(nn.Module):
         # input reaches the layer as a fixed offset. Scaled per prompt (ones at init: the same start),
         # prompt k carries its own channels of c and a question can pick which ("the cube's colour").
         self.bind_scale = nn.Parameter(torch.ones(prompt_len, dim)) if bind_scales else None
+        self.gate_scale = nn.Parameter(torch.ones(1)) if gate_scale else None
+
+    def gate_values(self, dtype: torch.dtype) -> torch.Tensor:
+        """(n_heads,) what each head's prompt attention is multiplied by: tanh(gate) [x gate_scale]."""
+        g = torch.tanh(self.gate) if self.gate_scale is None else torch.tanh(self.gate) * self.gate_scale
+        return g.to(dtype)
 
     def prompt_kv(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, n_kv_heads, K, head_dim) keys and values, no RoPE. Cached only under no_grad
@@ -98,6 +110,8 @@ class AdaptionPrompt(nn.Module):
         sequence, or (B, ...) one set per sequence of the condition (recomputed each call: K tokens, cheap)."""
         if self.condition is None:
             return self.prompt_kv(attn, dtype)
+        if self.condition.ndim == 3:  # visual queries: one addition per prompt
+            return self._project(attn, (self.prompt.unsqueeze(0) + self.condition).to(dtype))
         c = self.condition[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
         return self._project(attn, (self.prompt.unsqueeze(0) + c).to(dtype))
 
@@ -107,7 +121,7 @@ class AdaptionPrompt(nn.Module):
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         # every query over the K prompts only: the prompt part's own softmax
         out = attend(q, k, v)
-        return torch.tanh(self.gate).to(q.dtype).view(1, H, 1, 1) * out
+        return self.gate_values(q.dtype).view(1, H, 1, 1) * out
 
 
 class AdaptedLinear(nn.Module):
@@ -136,7 +150,8 @@ class AdaptedLinear(nn.Module):
 class AdaptedLayer(nn.Module):
     def __init__(self, cfg: AdapterConfig, dim: int, n_heads: int, shapes: dict[str, tuple[int, int]]):
         super().__init__()
-        self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads, cfg.prompt_bind_scales and bool(cfg.encoder))
+        self.prompt = AdaptionPrompt(cfg.prompt_len, dim, n_heads, cfg.prompt_bind_scales and bool(cfg.encoder),
+                                     cfg.gate_scale)
         if cfg.bias_scale:
             self.bias = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.zeros(o)) for n, (o, _) in shapes.items()})
             self.scale = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.ones(o)) for n, (o, _) in shapes.items()})
@@ -164,7 +179,12 @@ class Adapter(nn.Module):
                                      for i in range(self.first_layer, model_args.n_layers)})
         if cfg.final_norm:
             self.final_norm = nn.Parameter(torch.ones(dim))
-        if cfg.encoder:
+        self.bind = self.visual = None
+        if cfg.encoder and cfg.visual_blocks:
+            from core.multimodal import VisualQuery
+            self.visual = VisualQuery(cfg.encoder_dim, dim, cfg.prompt_len, cfg.visual_width, cfg.visual_blocks,
+                                      cfg.visual_heads)
+        elif cfg.encoder:
             from core.multimodal import BindNetwork
             self.bind = BindNetwork(cfg.encoder_dim, dim, cfg.bind_blocks, cfg.bind_hidden or None, cfg.bind_style,
                                     question_dim=dim if cfg.bind_question else 0)
@@ -183,6 +203,15 @@ class Adapter(nn.Module):
                     layer.attention_norm.copy_(block.attention_norm.weight)
                     layer.ffn_norm.copy_(block.ffn_norm.weight)
         return adapter
+
+    def media_condition(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder output -> the addition to the prompts: (B, D) embeddings through the bind network
+        to (B, dim), or (B, T, C) tokens through the visual queries to (B, K, dim)."""
+        network = self.visual if self.visual is not None else self.bind
+        if network is None:
+            raise UserError("this adapter was trained on text only; a media input needs one trained on media records")
+        p = next(network.parameters())
+        return network(features.to(p.device, p.dtype))
 
     # -- attach / detach: pointer swaps only ------------------------------------------------
     def attach(self, model: Transformer) -> "Adapter":
@@ -331,11 +360,19 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
 
 
 def load_adapter(path: str | os.PathLike, model: Transformer, attach: bool = True) -> Adapter:
-    """Load an adapter file for `model`: this project's safetensors format, or the official V1
-    release (.pth with adapter_query.weight and per-layer gates). Errors are one-line UserErrors."""
+    """Load an adapter file for `model`: this project's safetensors format, or an official release
+    (.pth: V1, V2 multimodal, ImageBind-LLM); by path, by Hub id (core.hub), or a released V2 file
+    by name (V2_RELEASES, cached).
+    Errors are one-line UserErrors."""
+    from core import hub
+    if str(path) in V2_RELEASES and not Path(path).is_file():
+        path = release_file(str(path))
+    elif hub.is_hub_id(str(path)):
+        path = hub.adapter_file(str(path))
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"adapter file {path} does not exist")
+        raise UserError(f"adapter file {path} does not exist; accepted: a file, a Hub id OWNER/NAME[@REVISION], "
+                        f"or a released name ({', '.join(V2_RELEASES)})")
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":  # a torch zip checkpoint: an official release (V1, ImageBind-LLM)
@@ -398,9 +435,11 @@ def _load_official(path: Path, model: Transformer) -> Adapter:
     sd = sd.get("model", sd) if isinstance(sd, dict) else sd
     if isinstance(sd, dict) and "prefix_query.weight" in sd:
         return _load_official_imagebind_llm(path, model, sd)
+    if isinstance(sd, dict) and "visual_query.weight" in sd:
+        return _load_official_v2(path, model, sd)
     if not isinstance(sd, dict) or "adapter_query.weight" not in sd:
         raise UserError(f"{path.name} is not an official LLaMA-Adapter file (no adapter_query.weight of V1, "
-                        "no prefix_query.weight of ImageBind-LLM)")
+                        "no visual_query.weight of V2 multimodal, no prefix_query.weight of ImageBind-LLM)")
     return _load_official_v1(path, model, sd)
 
 
@@ -453,41 +492,136 @@ def _load_official_imagebind_llm(path: Path, model: Transformer, sd: dict) -> Ad
         lora_rank=sd[f"{layer_key}attention.lora_wq_l1.weight"].shape[0] if f"{layer_key}attention.lora_wq_l1.weight" in sd else 0,
         final_norm="llama.norm.weight" in sd)
     adapter = Adapter(cfg, a, {"source": "official ImageBind-LLM release", "file": name})
-    tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}  # V2 parts absent: identity
-    used = set()
-
-    def take(ours: str, theirs: str):
-        if theirs in sd and ours in tensors:
-            value = sd[theirs].float()
-            # the release's gates are (1, heads, 1, 1): the same numbers in our shape; a wrong size
-            # stays as it is and _load_tensors refuses it naming both shapes
-            tensors[ours] = value.reshape(tensors[ours].shape) if value.numel() == tensors[ours].numel() else value
-            used.add(theirs)
-
+    place = _Placement(sd, adapter)
     for j, i in enumerate(range(first, a.n_layers)):
-        tensors[f"layers.{i}.prompt.prompt"] = query[j].float()[None]
-        used.add("prefix_query.weight")
-        take(f"layers.{i}.prompt.gate", f"llama.layers.{i}.attention.gate")
+        place.tensors[f"layers.{i}.prompt.prompt"] = query[j].float()[None]
+        place.used.add("prefix_query.weight")
+        place.llama_layer(i)
+    place.take("final_norm", "llama.norm.weight")
+    for part in ("weight", "bias"):
+        place.take(f"bind.proj.{part}", proj.replace("weight", part))
+        for b in range(blocks):
+            place.take(f"bind.blocks.{b}.norm.{part}", f"image_bind_norm_{b + 1}.{part}")
+            for f, w in (("f1", "w1"), ("f2", "w2"), ("f3", "w3")):
+                place.take(f"bind.blocks.{b}.feed_forward.{w}.{part}", f"image_bind_{f}_{b + 1}.{part}")
+    place.finish(adapter, name, "the ImageBind-LLM adapter layout")
+    return adapter
+
+
+class _Placement:
+    """A released file's tensors moved into our adapter's state dict (what the file lacks stays at
+    its identity), keeping track of which were placed, so that any left over is named."""
+
+    def __init__(self, sd: dict, adapter: Adapter):
+        self.sd, self.used = sd, set()
+        self.tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+
+    def take(self, ours: str, theirs: str):
+        if theirs in self.sd and ours in self.tensors:
+            value = self.sd[theirs].float()
+            # the releases' gates are (1, heads, 1, 1): the same numbers in our shape; a wrong size
+            # stays as it is and _load_tensors refuses it naming both shapes
+            self.tensors[ours] = value.reshape(self.tensors[ours].shape) if value.numel() == self.tensors[ours].numel() else value
+            self.used.add(theirs)
+
+    def llama_layer(self, i: int):
+        """Layer i's gates and the V2 tuning both releases name alike under `llama.`: biases, LoRA pairs, norms."""
+        self.take(f"layers.{i}.prompt.gate", f"llama.layers.{i}.attention.gate")
+        self.take(f"layers.{i}.prompt.gate_scale", f"llama.layers.{i}.attention.new_gate")
         for lin in V2_LINEARS:
             key, (module, short) = lin.replace(".", "_"), lin.split(".")
-            take(f"layers.{i}.bias.{key}", f"llama.layers.{i}.{lin}.bias")
-            take(f"layers.{i}.lora_a.{key}", f"llama.layers.{i}.{module}.lora_{short}_l1.weight")
-            take(f"layers.{i}.lora_b.{key}", f"llama.layers.{i}.{module}.lora_{short}_l2.weight")
+            self.take(f"layers.{i}.bias.{key}", f"llama.layers.{i}.{lin}.bias")
+            self.take(f"layers.{i}.lora_a.{key}", f"llama.layers.{i}.{module}.lora_{short}_l1.weight")
+            self.take(f"layers.{i}.lora_b.{key}", f"llama.layers.{i}.{module}.lora_{short}_l2.weight")
         for norm in ("attention_norm", "ffn_norm"):
-            take(f"layers.{i}.{norm}", f"llama.layers.{i}.{norm}.weight")
-    take("final_norm", "llama.norm.weight")
-    for part in ("weight", "bias"):
-        take(f"bind.proj.{part}", proj.replace("weight", part))
-        for b in range(blocks):
-            take(f"bind.blocks.{b}.norm.{part}", f"image_bind_norm_{b + 1}.{part}")
-            for f, w in (("f1", "w1"), ("f2", "w2"), ("f3", "w3")):
-                take(f"bind.blocks.{b}.feed_forward.{w}.{part}", f"image_bind_{f}_{b + 1}.{part}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise UserError(f"{name}: {len(left)} tensors this loader does not place (e.g. {left[:3]}); "
-                        "accepted: the ImageBind-LLM adapter layout")
-    _load_tensors(adapter, tensors, name)
+            self.take(f"layers.{i}.{norm}", f"llama.layers.{i}.{norm}.weight")
+
+    def finish(self, adapter: Adapter, name: str, layout: str):
+        left = sorted(set(self.sd) - self.used)
+        if left:
+            raise UserError(f"{name}: {len(left)} tensors this loader does not place (e.g. {left[:3]}); accepted: {layout}")
+        _load_tensors(adapter, self.tensors, name)
+
+
+def _load_official_v2(path: Path, model: Transformer, sd: dict) -> Adapter:
+    """A released LLaMA-Adapter V2 multimodal file (BIAS-7B, LORA-BIAS-7B, CAPTION-7B, LORA-BIAS-7B-v21):
+    K visual queries (visual_query) and their path (clip_proj[_norm], visual_blocks.N in timm's
+    names, visual_proj[_norm]) from CLIP ViT-L/14's tokens; K prompts for each of the top L layers
+    (adapter_query, L*K rows); per-head gates, and new_gate where the file has LoRA; the V2 tuning of
+    the LM: biases of wq, wo, w1, w2, w3, every norm, LoRA pairs. The release tunes norms and biases
+    of layers below the prompted ones too: those layers get a prompt with its gate at 0, which adds
+    exactly nothing, so their tensors have a place."""
+    a, name = model.args, path.name
+    queries, prompts = sd["visual_query.weight"], sd.get("adapter_query.weight")
+    K = queries.shape[0]
+    if prompts is None or prompts.ndim != 2 or prompts.shape[1] != a.dim or prompts.shape[0] % K:
+        raise UserError(f"{name}: adapter_query.weight has shape {tuple(prompts.shape) if prompts is not None else None}, "
+                        f"expected (layers x {K}, {a.dim}) for this model")
+    n_prompted = prompts.shape[0] // K
+    tuned = {int(k.split(".")[2]) for k in sd if k.startswith("llama.layers.")}
+    first = min([a.n_layers - n_prompted, *tuned])
+    if n_prompted > a.n_layers or first < 0 or max(tuned, default=0) >= a.n_layers:
+        raise UserError(f"{name}: {n_prompted} prompted layers (adapter_query) and tuned layers up to "
+                        f"{max(tuned, default=0)} do not fit this {a.n_layers}-layer model")
+    if "visual_proj.weight" not in sd or sd["visual_proj.weight"].shape[0] != a.dim:
+        shape = tuple(sd["visual_proj.weight"].shape) if "visual_proj.weight" in sd else None
+        raise UserError(f"{name}: visual_proj.weight has shape {shape}, expected ({a.dim}, width) for this model")
+    width = queries.shape[1]
+    blocks = len({k.split(".")[1] for k in sd if k.startswith("visual_blocks.")})
+    lora = f"llama.layers.{a.n_layers - 1}.attention.lora_wq_l1.weight"
+    cfg = AdapterConfig(
+        prompt_len=K, layers=a.n_layers - first, encoder="openclip:ViT-L-14:openai",
+        encoder_dim=sd["clip_proj.weight"].shape[1] if "clip_proj.weight" in sd else 0,
+        visual_blocks=blocks, visual_width=width, visual_heads=16,
+        bias_scale=any(k.startswith("llama.layers.") and k.endswith(".bias") for k in sd),
+        norm_tuning=any(k.endswith(("attention_norm.weight", "ffn_norm.weight")) for k in sd),
+        lora_rank=sd[lora].shape[0] if lora in sd else 0, final_norm="llama.norm.weight" in sd,
+        gate_scale=any(k.endswith("attention.new_gate") for k in sd))
+    adapter = Adapter.create(model, cfg)  # norms start as the base's: a layer the file lacks keeps them
+    adapter.meta = {"source": "official LLaMA-Adapter V2 multimodal release", "file": name,
+                    "training": {"prompt_format": "alpaca"}}  # the release's format_prompt
+    place = _Placement(sd, adapter)
+    for i in range(first, a.n_layers):
+        j = i - (a.n_layers - n_prompted)
+        place.llama_layer(i)
+        if j >= 0:
+            place.tensors[f"layers.{i}.prompt.prompt"] = prompts[j * K:(j + 1) * K].float()
+        else:  # below the prompted layers the release adds nothing, so its gates there never acted: shut
+            for key in (f"layers.{i}.prompt.prompt", f"layers.{i}.prompt.gate"):
+                place.tensors[key] = torch.zeros_like(place.tensors[key])
+    place.used.add("adapter_query.weight")
+    place.take("final_norm", "llama.norm.weight")
+    place.take("visual.queries", "visual_query.weight")
+    renames = {"clip_proj.": "visual.clip_proj.", "clip_proj_norm.": "visual.clip_proj_norm.",
+               "visual_blocks.": "visual.blocks.", "visual_proj.": "visual.proj.", "visual_proj_norm.": "visual.proj_norm."}
+    for theirs in sd:
+        for old, new in renames.items():
+            if theirs.startswith(old):
+                place.take(new + theirs[len(old):], theirs)
+    place.finish(adapter, name, "the LLaMA-Adapter V2 multimodal layout")
     return adapter
+
+
+# The released V2 multimodal files by name; each URL's file name starts with its SHA-256.
+V2_RELEASES = {name: f"https://github.com/OpenGVLab/LLaMA-Adapter/releases/download/{tag}/{sha}_{name}.pth"
+               for name, tag, sha in (
+                   ("BIAS-7B", "v.2.0.0", "7fa55208379faf2dd862565284101b0e4a2a72114d6490a95e432cf9d9b6c813"),
+                   ("LORA-BIAS-7B", "v.2.0.0", "1bcbffc43484332672092e0024a8699a6eb5f558161aebf98a7c6b1db67224d1"),
+                   ("CAPTION-7B", "v.2.0.0", "5088aeb63a89746b90bcfd5cb819e1c7411b2771b267c6d131ce73e250a8abf0"),
+                   ("LORA-BIAS-7B-v21", "v.2.1.0", "d26d107eec32127ac86ef1997cf7169de1c56a59c539fc1258c6798b969e289c"))}
+
+
+def release_file(name: str, download: bool = True) -> Path:
+    """A released V2 file by name: the cached copy (its digest checked), else downloaded into the
+    cache and checked against the SHA-256 its URL names."""
+    from core.files import cache_dir, cached_file
+    url = V2_RELEASES[name]
+    file = url.rsplit("/", 1)[1]
+
+    def missing(reason: str) -> UserError:
+        return UserError(f"{name} is a released LLaMA-Adapter V2 file and {reason}: download {url} and pass "
+                         f"--adapter PATH (or put it at {cache_dir() / file})")
+    return cached_file(file, url if download else None, missing, sha256=file.split("_")[0])
 
 
 def cast_adapter_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "bfloat16"):

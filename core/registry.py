@@ -38,7 +38,7 @@ class Entry:
 
     def summary(self) -> dict:
         cfg, training, base = self.meta.get("config", {}), self.meta.get("training", {}), self.meta.get("base", {})
-        v2 = [f for f in ("bias_scale", "norm_tuning") if cfg.get(f)]
+        v2 = [f for f in ("bias_scale", "norm_tuning") if cfg.get(f)] + (["visual_queries"] if cfg.get("visual_blocks") else [])
         loss = training.get("final_loss")
         return {"name": self.name, "K": cfg.get("prompt_len"), "L": cfg.get("layers"), "V2": "+".join(v2) or "-",
                 "base": f"{base.get('n_layers', '?')}x{base.get('dim', '?')}" if base else "?",

@@ -36,7 +36,7 @@ CHUNK = 256  # the cache grows by this many positions
 class Row:
     """What the runner needs of a live reply."""
     adapter: Adapter | None
-    condition: torch.Tensor | None  # (1, dim) from the adapter's bind network
+    condition: torch.Tensor | None  # (1, dim) from the adapter's bind network, (1, K, dim) from visual queries
     length: int = 0                 # tokens in its cache
 
 
@@ -154,7 +154,7 @@ class RowAdapters:
                 pk, pv = kv[b][i]
                 k[b, :, :pk.shape[2]], v[b, :, :pv.shape[2]] = pk[0], pv[0]
                 mask[b, :, :, pk.shape[2]:] = False
-                gates[b, :, 0, 0] = torch.tanh(part.prompt.gate).to(dtype)
+                gates[b, :, 0, 0] = part.prompt.gate_values(dtype)
             self.swaps.append((attn, "prompt", RowPrompts(k, v, mask, gates)))
             self._v2_swaps(block, [a.cfg if a is not None else None for a in adapters], parts, dtype)
         finals = [a.final_norm if a is not None and a.cfg.final_norm else None for a in adapters]

@@ -48,7 +48,7 @@ class Reply:
     adapter: Adapter | None
     owner: str = ""   # the session that asked (its Stop button cancels it)
     client: str = ""  # the address it came from
-    condition: torch.Tensor | None = None  # (1, dim) from the adapter's bind network: an image, clip, cloud
+    condition: torch.Tensor | None = None  # (1, dim) from the bind network, (1, K, dim) from visual queries
     deltas: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: int = 0

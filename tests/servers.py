@@ -16,6 +16,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "artifacts" / "e2e"  # the browser tests' screenshots
+DOC_SHOTS = ROOT / "docs" / "screenshots"  # one of each tab, shown in README.md
 CHROMIUM = "/usr/bin/chromium"
 # flags this closed network needs: without the background-networking ones Chromium keeps trying to reach Google
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -98,6 +99,7 @@ def browser_page(url: str):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
     SHOTS.mkdir(parents=True, exist_ok=True)
+    DOC_SHOTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1100})

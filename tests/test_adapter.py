@@ -125,7 +125,8 @@ def test_tiny_random_adapter_file_round_trip(tmp_path):
     assert meta["config"] == {"prompt_len": 5, "layers": 3, "bias_scale": True, "norm_tuning": True,
                               "encoder": None, "encoder_dim": 0, "bind_blocks": 2, "bind_hidden": 0,
                               "bind_style": "studio", "lora_rank": 0, "final_norm": False,
-                              "prompt_bind_scales": False, "bind_question": False, "fusion_layers": 0}
+                              "prompt_bind_scales": False, "bind_question": False, "fusion_layers": 0,
+                              "visual_blocks": 0, "visual_width": 768, "visual_heads": 16, "gate_scale": False}
     assert meta["base"]["dim"] == 64 and len(meta["base"]["fingerprint"]) == 6
     assert meta["training"]["steps"] == 7 and meta["format_version"] == 1
     load_adapter(path, model)

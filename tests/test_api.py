@@ -106,12 +106,16 @@ def test_eight_concurrent_streams_all_complete(client):
     assert all(texts), texts
 
 
-def test_image_and_audio_parts_reach_adapters_with_a_bind_network(client):
+def test_image_and_audio_parts_reach_media_adapters(client):
     png = base64.b64encode((ROOT / "assets/examples/image/red-triangle.png").read_bytes()).decode()
     reply = client.chat.completions.create(model="smollm2:image", temperature=0, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What shape is in the image?"},
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
     assert reply.choices[0].message.content.strip().startswith("triangle")
+    reply = client.chat.completions.create(model="smollm2:image-v2", temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What shape is in the image?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}])
+    assert reply.choices[0].message.content.strip().startswith("triangle")  # V2's visual queries, same path
     wav = base64.b64encode((ROOT / "assets/examples/audio/tone-low.wav").read_bytes()).decode()
     reply = client.chat.completions.create(model="smollm2:audio", temperature=0, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What kind of sound is this?"},

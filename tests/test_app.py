@@ -289,6 +289,7 @@ def test_points_tab_answers_about_a_cloud_through_a_bind_adapter(studio, tmp_pat
     save_adapter(adapter, tmp_path / "clouds.safetensors", studio.lm.model)
     name = studio.registry.add(tmp_path / "clouds.safetensors", "clouds")
     assert name in studio.media_adapters("points") and name not in studio.media_adapters("image")
+    assert studio.media_adapters("image")[:2] == ["image", "image-v2"]  # the shipped one the tab starts on, first
     files = []
     for i in (0, 3):
         np.save(tmp_path / f"c{i}.npy", scene("test", i)[0])

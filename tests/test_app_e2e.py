@@ -1,12 +1,13 @@
 """The app end to end in a real headless Chromium (Debian's package, driven by Playwright): chat
 with a streamed reply, a training job started from the Train tab that finishes, its adapter made
-the default of new sessions, and a reply through it. Screenshots of each step go to artifacts/e2e/."""
+the default of new sessions, and a reply through it. Screenshots of each step go to artifacts/e2e/,
+and one of each tab to docs/screenshots/ (shown in README.md)."""
 import re
 import time
 
 import pytest
 
-from tests.servers import SHOTS, browser_page, running_app
+from tests.servers import DOC_SHOTS, SHOTS, browser_page, running_app
 
 playwright = pytest.importorskip("playwright.sync_api")
 STATE = {}  # what one step hands to the next (the tests run in file order)
@@ -19,8 +20,16 @@ def page(tmp_path_factory):
         yield page
 
 
+# the step whose screenshot shows each tab in README.md and docs/; the suite rewrites them, so they stay current
+TAB_SHOTS = {"1-chat": "chat", "4-train-finished": "train", "5-adapter-default": "adapters",
+             "7b-point-cloud-three-objects": "point-cloud", "8-image": "image", "8b-image-v2": "image-v2",
+             "9-audio": "audio", "10-mix-needs-imagebind": "mix"}
+
+
 def shot(page, name):
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    if name in TAB_SHOTS:
+        page.screenshot(path=str(DOC_SHOTS / f"{TAB_SHOTS[name]}.png"))  # the viewport: what a visitor sees first
 
 
 def send(page, text):
@@ -259,6 +268,22 @@ def test_image_tab_answers_about_an_example_with_imagenet_labels(page):
     answer = ask_in_tab(page, "image", "Image", "red-triangle", "What shape is in the image?", "8-image", shown="%")
     assert answer.startswith("triangle"), answer
     assert ask_again(page, "image", "What color is the shape?").startswith("red")  # the same image
+
+
+def test_image_tab_lists_the_v2_visual_query_adapter_and_answers_with_it(page):
+    """assets/adapters/image-v2: LLaMA-Adapter V2's visual queries over EfficientNet-Lite0's 7 x 7
+    tokens (core.multimodal.VisualQuery), listed beside the bind-network adapter."""
+    page.get_by_role("tab", name="Image").click()
+    pick(page, "image-adapter", "image-v2")
+    shown_before = side_panel(page, "image")  # the last test's image: wait for the new one's labels
+    page.locator("#image-examples").get_by_text("yellow-circle", exact=True).click()
+    deadline = time.time() + 60
+    while side_panel(page, "image") == shown_before:  # the new input also clears the chat, in the same event
+        assert time.time() < deadline, shown_before
+        time.sleep(0.25)
+    answer = ask_again(page, "image", "What shape is in the image?", "8b-image-v2")
+    assert "adapter: image-v2" in page.locator("#image-chat .message.bot").last.inner_text()
+    assert answer.startswith("circle"), answer
 
 
 def test_audio_tab_plays_an_example_and_answers(page):

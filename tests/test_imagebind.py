@@ -280,12 +280,38 @@ def test_openclip_tower_from_a_local_checkpoint(tmp_path):
                                          normalize=True)
     torch.testing.assert_close(rows[0], want[0], rtol=0, atol=1e-5)
     assert rows.norm(dim=-1).tolist() == pytest.approx([1, 1])
+    # V2's visual queries read every token as V2 reads CLIP's: the last block's output through
+    # ln_post and the projection, the class token first (so token 0, unit length, is the embedding)
+    tokens = encoder.tokens([encoder.load(IMAGE)])
+    assert tokens.shape == (1, 1 + (32 // 8) ** 2, 16)
+    torch.testing.assert_close(torch.nn.functional.normalize(tokens[:, 0], dim=-1), rows[:1], rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="the visual queries read images only"):
+        encoder.tokens([encoder.load("a red triangle", "text")])
     with pytest.raises(UserError, match="unknown OpenCLIP architecture 'no-such-arch'"):
         get_encoder("openclip:no-such-arch:x.pt")
     with pytest.raises(UserError, match="openclip:tiny-random-clip needs weights"):
         get_encoder("openclip:tiny-random-clip")
     with pytest.raises(UserError, match="neither a pretrained tag of tiny-random-clip nor a checkpoint file"):
         get_encoder("openclip:tiny-random-clip:missing.pt")
+
+
+def test_openclip_resnet_tower_gives_its_last_grid_as_tokens(tmp_path):
+    """Any open_clip tower gives tokens for V2's visual queries: a small random ModifiedResNet
+    (CLIP's RN50 family) its last stage's 2 x 2 grid in the trunk's width, row by row."""
+    import open_clip
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / "tiny-random-rn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "tiny-random-rn.json"))
+    model, _, _ = open_clip.create_model_and_transforms("tiny-random-rn")
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    encoder = get_encoder(f"openclip:tiny-random-rn:{tmp_path / 'rn.pt'}", "image")
+    image = encoder.load(IMAGE)
+    tokens = encoder.tokens([image, image])
+    with torch.no_grad():
+        grid = model.eval().visual.forward_intermediates(image[1][None], indices=1, intermediates_only=True)
+    assert tokens.shape == (2, 4, 16 * 32)
+    torch.testing.assert_close(tokens[1], grid["image_intermediates"][-1][0].flatten(1).T, rtol=0, atol=1e-5)
 
 
 def test_tiny_random_imagebind_embeds_a_file_of_image_and_audio_records_once_each(tiny_imagebind, tmp_path):

@@ -210,3 +210,27 @@ def test_a_short_real_run_beats_chance(smollm2, tmp_path, kind):
         adapter.detach()
     majority = Counter(r["output"] for r in test).most_common(1)[0][1] / len(test)
     assert acc > max(0.5, majority), (acc, majority, pairs[:8])
+
+
+def test_cli_media_question_without_an_adapter_asks_the_shipped_one_as_a_chat():
+    """`core.generate --image FILE --prompt ...` picks assets/adapters/image.safetensors, says so on
+    stderr, and asks in chat form (the adapters learned their answers as replies); --raw completes
+    the prompt as it is; a kind with no shipped adapter gets one line saying what to pass."""
+    import subprocess
+    import sys
+
+    def generate(*flags):
+        return subprocess.run([sys.executable, "-m", "core.generate", *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    image = str(ROOT / "assets" / "examples" / "image" / "red-triangle.png")
+    asked = generate("--image", image, "--prompt", "What color is the shape?")
+    assert asked.returncode == 0, asked.stderr
+    assert "note: no --adapter given: asking assets/adapters/image.safetensors" in asked.stderr
+    assert asked.stdout.strip() == "red"
+    raw = generate("--image", image, "--prompt", "What color is the shape?", "--raw", "--max-new-tokens", "8")
+    assert raw.returncode == 0 and raw.stdout.strip() != "red"  # a completion of the bare words, not the reply
+    refused = generate("--video", "clip.mp4", "--prompt", "What happens?")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: no shipped adapter reads video; pass --adapter FILE (one trained on video records, e.g. with "
+        "train.finetune --encoder imagebind); shipped: --audio, --image, --points")

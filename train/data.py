@@ -238,9 +238,10 @@ def tokenize_records(records, tokenizer, chat_format, system=None, max_seq_len=N
     return kept
 
 
-def embed_media(examples: list[Example], encoder_name: str | None = None) -> str | None:
-    """Give every multimodal example its encoder embedding, each file encoded once, so epochs
-    never re-run the frozen encoder. Returns the encoder's name (None for text-only data)."""
+def embed_media(examples: list[Example], encoder_name: str | None = None, tokens: bool = False) -> str | None:
+    """Give every multimodal example its encoder embedding (`tokens`: its (T, C) token features,
+    for V2's visual queries), each file encoded once, so epochs never re-run the frozen encoder.
+    Returns the encoder's name (None for text-only data)."""
     from core.encoders import DEFAULT_ENCODERS, get_encoder
     kinds = sorted({e.media[0] for e in examples if e.media})
     if not kinds:
@@ -256,7 +257,8 @@ def embed_media(examples: list[Example], encoder_name: str | None = None) -> str
     media = sorted({tuple(e.media) for e in examples})
     for i in range(0, len(media), 64):
         chunk = media[i:i + 64]
-        cache.update(zip(chunk, encoder.embed([encoder.load(path, kind) for kind, path in chunk])))
+        loaded = [encoder.load(path, kind) for kind, path in chunk]
+        cache.update(zip(chunk, encoder.tokens(loaded) if tokens else encoder.embed(loaded)))
     for e in examples:
         e.features = cache[tuple(e.media)]
     return name
@@ -273,7 +275,7 @@ def add_questions(examples: list[Example], model, tokenizer):
 
 
 def batch_features(examples: list[Example]) -> torch.Tensor | None:
-    """(B, encoder width) embeddings of a batch, or None for text-only examples."""
+    """(B, encoder width) embeddings (or (B, T, C) tokens) of a batch, or None for text-only examples."""
     return torch.stack([e.features for e in examples]) if examples[0].features is not None else None
 
 

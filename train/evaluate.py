@@ -46,7 +46,8 @@ def validation_loss(lm: LoadedModel, records: list[dict], fmt: str, batch_size: 
         records = [as_chat(r) for r in records]
     examples = tokenize_records(records, lm.tokenizer, fmt, lm.system_prompt)
     adapter = getattr(lm.model, "adapter", None)
-    embed_media(examples, adapter.cfg.encoder if adapter is not None else None)
+    embed_media(examples, adapter.cfg.encoder if adapter is not None else None,
+                tokens=adapter is not None and adapter.visual is not None)
     if adapter is not None and adapter.cfg.bind_question:
         add_questions(examples, lm.model, lm.tokenizer)
     total, count = summed_loss(lm.model, examples, batch_size, lm.model.tok_embeddings.weight.device)
@@ -85,7 +86,7 @@ def breakdown(records: list[dict], pairs: list[tuple[str, str]]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="smollm2, a Hub id OWNER/NAME[@REVISION], a .gguf file, or a HF/Meta folder")
     p.add_argument("--adapter")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", choices=sorted(TASKS))

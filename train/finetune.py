@@ -46,7 +46,7 @@ STOP = {"requested": False}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2, a .gguf file, or a HF/Meta folder")
+    p.add_argument("--model", default="smollm2", help="smollm2, a Hub id OWNER/NAME[@REVISION], a .gguf file, or a HF/Meta folder")
     p.add_argument("--data", help="a .json/.jsonl file, a shipped dataset name, or task:NAME")
     p.add_argument("--val-data", help="held-out data for the validation loss (same kinds as --data)")
     p.add_argument("--out", help="the run's folder")
@@ -67,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "lowest --fusion-layers of them, the rest keep their prompts alone (the V2 paper)")
     a.add_argument("--fusion-layers", type=int, default=0, help="with --fusion early: how many of the lowest "
                    "adapted layers take the media input (default: half of them)")
+    a.add_argument("--visual-blocks", type=int, default=0, metavar="N",
+                   help="V2's visual queries in place of the bind network: K learnable queries and the encoder's "
+                   "tokens through N ViT blocks, one addition per prompt (the release: 8; 0: the bind network)")
+    a.add_argument("--visual-width", type=int, default=768, help="the visual blocks' width (the release: 768)")
+    a.add_argument("--visual-heads", type=int, default=16, help="the visual blocks' attention heads (the release: 16)")
     a.add_argument("--bind-question", action="store_true",
                    help="the bind network reads the question too (the mean of its token embeddings), so it passes "
                    "what is asked about the input, as InstructBLIP's Q-Former (not in ImageBind-LLM)")
@@ -246,17 +251,22 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         if val_records else []
     if args.encoder and args.encoder_weights:
         configure_encoder(args.encoder, weights=args.encoder_weights)
-    encoder = embed_media(examples + val_examples, args.encoder)
+    # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
+    stage_one = load_adapter(args.init, model, attach=False) if args.init else None
+    visual_blocks = stage_one.cfg.visual_blocks if stage_one is not None else args.visual_blocks
+    encoder = embed_media(examples + val_examples, args.encoder, tokens=visual_blocks > 0)
     encoder_dim = examples[0].features.shape[-1] if encoder else 0
     torch.manual_seed(args.seed)
     cfg = AdapterConfig(args.prompt_len, args.layers, args.bias_scale, args.norm_tuning, encoder, encoder_dim,
                         prompt_bind_scales=args.prompt_bind_scales, bind_question=args.bind_question,
-                        fusion_layers=fusion_layers(args, lm.model.args.n_layers, bool(encoder)))
+                        fusion_layers=fusion_layers(args, lm.model.args.n_layers, bool(encoder)),
+                        visual_blocks=args.visual_blocks, visual_width=args.visual_width, visual_heads=args.visual_heads)
     if args.bind_question and not encoder:
         raise UserError("--bind-question needs image, audio or points records: text-only records have no bind network")
-    stage_one = None
-    if args.init:  # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
-        stage_one = load_adapter(args.init, model, attach=False)
+    if args.visual_blocks and (not encoder or args.bind_question or args.prompt_bind_scales):
+        raise UserError("--visual-blocks needs image records and goes without --bind-question and --prompt-bind-scales "
+                        "(those shape the bind network it replaces)")
+    if stage_one is not None:
         if (stage_one.cfg.encoder or None) != (encoder or None):
             raise UserError(f"--init {args.init} reads {stage_one.cfg.encoder or 'text only'}, "
                             f"these records {encoder or 'text only'}")

@@ -43,9 +43,10 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 def response_loss(model, inputs: torch.Tensor, targets: torch.Tensor,
                   features: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over the response tokens, their number); targets are -100 elsewhere.
-    `features`: (B, D) encoder embeddings that the adapter's bind network adds to its prompts."""
+    `features`: (B, D) encoder embeddings (or (B, T, C) tokens) that the adapter's bind network (or
+    visual queries) adds to its prompts."""
     if features is not None:
-        with conditioned(model, model.adapter.bind(features.to(inputs.device))):
+        with conditioned(model, model.adapter.media_condition(features)):
             return response_loss(model, inputs, targets)
     select = targets != -100
     head = getattr(model.output, "weight", None)  # a quantized head has none: it runs its own kernel below

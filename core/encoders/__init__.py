@@ -37,6 +37,12 @@ class Encoder(ABC):
     def embed(self, inputs: list) -> torch.Tensor:
         """Loaded inputs -> (N, dim) float32 embeddings."""
 
+    def tokens(self, inputs: list) -> torch.Tensor:
+        """Loaded inputs -> (N, T, C) token features (patches, grid cells), what V2's visual
+        queries read; encoders that give one embedding per input only say so."""
+        raise UserError(f"encoder {self.name} gives one embedding per input, no token features; the visual "
+                        "queries read tokens of: efficientnet-lite0, openclip:ARCH:WEIGHTS")
+
     def labels(self, inputs: list, k: int = 5) -> list[list[tuple[str, float]]] | None:
         """Top-k class labels where the encoder has a classifier head; None where it has none."""
         return None

@@ -122,12 +122,16 @@ class EfficientNetLite0(nn.Module):
         self._conv_head, self._bn1 = nn.Conv2d(320, 1280, 1, bias=False), bn(1280)
         self._fc = nn.Linear(1280, n_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) normalized images -> (B, 1280) pooled features."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) normalized images -> (B, 1280, 7, 7) features before pooling."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) normalized images -> (B, 1280) pooled features."""
+        return self.feature_map(x).mean((2, 3))
 
     def forward(self, x):
         return self._fc(self.features(x))
@@ -148,6 +152,11 @@ class EfficientNetEncoder(Encoder):
     @torch.no_grad()
     def embed(self, inputs: list) -> torch.Tensor:
         return self.net.features(torch.from_numpy(np.stack(inputs)))
+
+    @torch.no_grad()
+    def tokens(self, inputs: list) -> torch.Tensor:
+        """(N, 49, 1280): the 7 x 7 grid of the last feature map, row by row."""
+        return self.net.feature_map(torch.from_numpy(np.stack(inputs))).flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def labels(self, inputs: list, k: int = 5):

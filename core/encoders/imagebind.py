@@ -16,10 +16,8 @@ Preprocessing, as the released model was trained:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 
 from core.encoders import Encoder, embed_by_group, register
 from core.errors import UserError, first_line
-from core.files import cache_dir
+from core.files import cache_dir, cached_file
 
 URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 FILE = "imagebind_huge.pth"
@@ -227,34 +225,7 @@ def find_weights(path: str | os.PathLike | None = None, url: str | None = URL, d
         if not Path(path).is_file():
             raise missing_weights(f"{path} is not a file", file, url, what)
         return Path(path)
-    cached = cache_dir() / file
-    if cached.is_file():
-        _check_digest(cached)
-        return cached
-    if not download or not url:
-        raise missing_weights("none were found", file, url, what)
-    from torch.hub import download_url_to_file
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        download_url_to_file(url, str(cached), progress=True)  # writes a temporary file, then moves it
-    except (urllib.error.URLError, OSError) as e:
-        raise missing_weights(f"the download failed ({str(e)[:100]})", file, url, what) from None
-    cached.with_suffix(".sha256").write_text(_digest(cached) + "\n")
-    return cached
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_digest(path: Path):
-    recorded = path.with_suffix(".sha256")
-    if recorded.is_file() and recorded.read_text().strip() != _digest(path):
-        raise UserError(f"{path}: its SHA-256 differs from the one recorded at download; delete it to download again")
+    return cached_file(file, url if download else None, lambda reason: missing_weights(reason, file, url, what))
 
 
 def read_state_dict(path: Path) -> dict:

@@ -20,7 +20,7 @@ class OpenClipEncoder(Encoder):
     def __init__(self, spec: str = "", weights: str | None = None):
         import open_clip
         arch, _, pretrained = spec.partition(":")
-        pretrained = pretrained or weights
+        pretrained = weights or pretrained  # --encoder-weights PATH: a local copy of the named weights, offline
         self.name = f"openclip:{spec}"
         if arch not in open_clip.list_models():
             raise UserError(f"unknown OpenCLIP architecture {arch!r}; use openclip:ARCH[:PRETRAINED_OR_PATH] "
@@ -53,3 +53,24 @@ class OpenClipEncoder(Encoder):
     def embed(self, inputs: list) -> torch.Tensor:
         encode = {"image": self.model.encode_image, "text": self.model.encode_text}
         return embed_by_group(inputs, lambda kind, batch: encode[kind](batch, normalize=True))
+
+    @torch.no_grad()
+    def tokens(self, inputs: list) -> torch.Tensor:
+        """(N, T, C): the last block's feature map as tokens, any tower with open_clip's
+        forward_intermediates. A ViT gives every token as V2 reads CLIP's (ViT-L/14: 257 x 768): the
+        class token first, all through the final LayerNorm and the projection; a ResNet or timm tower
+        its last stage's grid, row by row, in the trunk's width."""
+        from open_clip.transformer import VisionTransformer
+        visual = self.model.visual
+        if not hasattr(visual, "forward_intermediates"):
+            return super().tokens(inputs)
+        if any(kind != "image" for kind, _ in inputs):
+            raise UserError("the visual queries read images only")
+        out = visual.forward_intermediates(torch.stack([x for _, x in inputs]), indices=1, intermediates_only=True,
+                                           normalize_intermediates=True, output_extra_tokens=True)
+        x = out["image_intermediates"][-1].flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, H*W, C)
+        if out.get("image_intermediates_prefix"):
+            x = torch.cat([out["image_intermediates_prefix"][-1], x], 1)
+        if isinstance(visual, VisionTransformer) and visual.proj is not None:
+            x = x @ visual.proj
+        return x.float()
