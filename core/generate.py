@@ -84,10 +84,6 @@ def run(args) -> int:
     if args.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps: no MPS device is available here; accepted here: cpu")
     rank = 0
-    lm = load_model(args.model, args.dtype, args.device, args.format, quantize=args.quantize)
-    if args.compile:
-        from core.compiled import compile_decode
-        compile_decode(lm.model)
     inputs = [(k, f) for k in KINDS for f in getattr(args, k) or []]
     if inputs and not args.adapter:
         args.adapter = shipped_adapter(sorted({k for k, _ in inputs}))
@@ -95,6 +91,10 @@ def run(args) -> int:
               f"{inputs[0][0]} adapter (made for the embedded model)", file=sys.stderr)
     if inputs and args.prompt is not None and not args.raw:
         args.chat = True  # the media adapters learned their answers as chat replies
+    lm = load_model(args.model, args.dtype, args.device, args.format, quantize=args.quantize)
+    if args.compile:
+        from core.compiled import compile_decode
+        compile_decode(lm.model)
     if args.adapter:
         adapter = load_adapter(args.adapter, lm.model)
         if not args.format:
