@@ -262,17 +262,24 @@ def test_imagebind_without_weights_says_what_is_missing_from_the_cli(tmp_path):
     assert "--encoder-weights PATH" in out.stderr and "dl.fbaipublicfiles.com" in out.stderr
 
 
+def tiny_openclip(tmp_path, arch: str, vision_cfg: dict):
+    """A small OpenCLIP architecture of our own, registered with open_clip and saved with random
+    weights; returns (model, preprocess, the encoder loaded as openclip:ARCH:PATH)."""
+    import open_clip
+    config = {"embed_dim": 16, "vision_cfg": vision_cfg,
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
+    (tmp_path / f"{arch}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / f"{arch}.json"))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch)
+    torch.save(model.state_dict(), tmp_path / f"{arch}.pt")
+    return model, preprocess, get_encoder(f"openclip:{arch}:{tmp_path / f'{arch}.pt'}", "image")
+
+
 def test_openclip_tower_from_a_local_checkpoint(tmp_path):
     """A small OpenCLIP architecture (a config of our own, registered with open_clip) saved with
     random weights, then loaded by name and path: openclip:ARCH:PATH, offline."""
-    import open_clip
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 8},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
-    (tmp_path / "tiny-random-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(str(tmp_path / "tiny-random-clip.json"))
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny-random-clip")
-    torch.save(model.state_dict(), tmp_path / "clip.pt")
-    encoder = get_encoder(f"openclip:tiny-random-clip:{tmp_path / 'clip.pt'}", "image")
+    model, preprocess, encoder = tiny_openclip(tmp_path, "tiny-random-clip", {"image_size": 32, "layers": 1, "width": 32,
+                                                                             "head_width": 8, "patch_size": 8})
     assert encoder.dim == 16 and encoder.kinds == ("image", "text")
     rows = encoder.embed([encoder.load(IMAGE), encoder.load("a red triangle", "text")])
     with torch.no_grad():
@@ -298,14 +305,8 @@ def test_openclip_tower_from_a_local_checkpoint(tmp_path):
 def test_openclip_resnet_tower_gives_its_last_grid_as_tokens(tmp_path):
     """Any open_clip tower gives tokens for V2's visual queries: a small random ModifiedResNet
     (CLIP's RN50 family) its last stage's 2 x 2 grid in the trunk's width, row by row."""
-    import open_clip
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 8},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}}
-    (tmp_path / "tiny-random-rn.json").write_text(json.dumps(config))
-    open_clip.add_model_config(str(tmp_path / "tiny-random-rn.json"))
-    model, _, _ = open_clip.create_model_and_transforms("tiny-random-rn")
-    torch.save(model.state_dict(), tmp_path / "rn.pt")
-    encoder = get_encoder(f"openclip:tiny-random-rn:{tmp_path / 'rn.pt'}", "image")
+    model, _, encoder = tiny_openclip(tmp_path, "tiny-random-rn", {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16,
+                                                                    "head_width": 8})
     image = encoder.load(IMAGE)
     tokens = encoder.tokens([image, image])
     with torch.no_grad():
