@@ -110,9 +110,9 @@ class AdaptionPrompt(nn.Module):
         sequence, or (B, ...) one set per sequence of the condition (recomputed each call: K tokens, cheap)."""
         if self.condition is None:
             return self.prompt_kv(attn, dtype)
-        if self.condition.ndim == 3:  # visual queries: one addition per prompt
-            return self._project(attn, (self.prompt.unsqueeze(0) + self.condition).to(dtype))
-        c = self.condition[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
+        c = self.condition  # (B, K, dim) from visual queries: one addition per prompt
+        if c.ndim == 2:  # (B, dim) from a bind network: the same addition to every prompt, or scaled per prompt
+            c = c[:, None, :] * (self.bind_scale if self.bind_scale is not None else 1)
         return self._project(attn, (self.prompt.unsqueeze(0) + c).to(dtype))
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:

@@ -251,6 +251,10 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
         if val_records else []
     if args.encoder and args.encoder_weights:
         configure_encoder(args.encoder, weights=args.encoder_weights)
+    # checked before the encoder runs over every file
+    if args.visual_blocks and (not any(e.media for e in examples) or args.bind_question or args.prompt_bind_scales):
+        raise UserError("--visual-blocks needs image records and goes without --bind-question and --prompt-bind-scales "
+                        "(those shape the bind network it replaces)")
     # stage two: the first stage's adapter, with any V2 parts it lacks at their identity
     stage_one = load_adapter(args.init, model, attach=False) if args.init else None
     visual_blocks = stage_one.cfg.visual_blocks if stage_one is not None else args.visual_blocks
@@ -263,9 +267,6 @@ def run(args: argparse.Namespace, lm: LoadedModel | None = None) -> Adapter:
                         visual_blocks=args.visual_blocks, visual_width=args.visual_width, visual_heads=args.visual_heads)
     if args.bind_question and not encoder:
         raise UserError("--bind-question needs image, audio or points records: text-only records have no bind network")
-    if args.visual_blocks and (not encoder or args.bind_question or args.prompt_bind_scales):
-        raise UserError("--visual-blocks needs image records and goes without --bind-question and --prompt-bind-scales "
-                        "(those shape the bind network it replaces)")
     if stage_one is not None:
         if (stage_one.cfg.encoder or None) != (encoder or None):
             raise UserError(f"--init {args.init} reads {stage_one.cfg.encoder or 'text only'}, "
