@@ -278,7 +278,8 @@ def test_image_tab_lists_the_v2_visual_query_adapter_and_answers_with_it(page):
     shown_before = side_panel(page, "image")  # the last test's image: wait for the new one's labels
     page.locator("#image-examples").get_by_text("yellow-circle", exact=True).click()
     deadline = time.time() + 60
-    while side_panel(page, "image") == shown_before:  # the new input also clears the chat, in the same event
+    # the new input clears the chat: wait for its labels and the empty chat, so the reply counted is the new one
+    while side_panel(page, "image") == shown_before or page.locator("#image-chat .message.bot").count():
         assert time.time() < deadline, shown_before
         time.sleep(0.25)
     answer = ask_again(page, "image", "What shape is in the image?", "8b-image-v2")
