@@ -6,7 +6,8 @@ same dequantized weights (same dtype, same thread count), in one process; prints
 With --vs llamacpp: the embedded model at each of our precisions (fp32, bf16, int8, int4) against
 llama.cpp's llama-bench on the GGUF at F32, BF16, Q8_0, Q4_0 and the shipped Q4_1 (made with
 llama-quantize; bench/build_llamacpp.sh builds the peer), batch-1 decode and 128/512-token
-prompts, each measurement a process of its own so that its peak RSS (GNU time's) is its own.
+prompts, each measurement a process of its own so that its peak RSS (GNU time's) is its own. The
+whole sweep runs --rounds times (2) and each row keeps its best round: the machine drifts.
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def best_of(fn, repeats):
 PEER_BIN = Path(__file__).resolve().parent / ".peers/llama.cpp/build/bin"
 # precision: (dtype, quantize, compiled decode step)
 OURS = {"fp32": ("float32", "none", False), "bf16": ("bfloat16", "none", False), "int8": (None, "int8", False),
-        "int4": (None, "int4", False), "int8 compiled": (None, "int8", True), "int4 compiled": (None, "int4", True)}
+        "int4": (None, "int4", False), "fp32 compiled": ("float32", "none", True),
+        "bf16 compiled": ("bfloat16", "none", True), "int8 compiled": (None, "int8", True),
+        "int4 compiled": (None, "int4", True)}
 PEERS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
@@ -89,7 +92,7 @@ def one_precision(precision: str, threads: int, new_tokens: int, repeats: int):
     print(json.dumps(out))
 
 
-def vs_llamacpp(threads: int, new_tokens: int, repeats: int):
+def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int):
     import json
     import subprocess
     from core.loading import resolve_model_path
@@ -98,32 +101,38 @@ def vs_llamacpp(threads: int, new_tokens: int, repeats: int):
     shipped = resolve_model_path("smollm2")
     ggufs = PEER_BIN.parent.parent.parent / "gguf"
     ggufs.mkdir(exist_ok=True)
-    rows = {}
-    for kind in PEERS:
-        path = shipped if kind == "Q4_1" else ggufs / f"smollm2-{kind}.gguf"
-        if not path.is_file():
-            subprocess.run([str(PEER_BIN / "llama-quantize"), "--allow-requantize", str(shipped), str(path), kind],
-                           check=True, capture_output=True)
-        stdout, rss = peak_rss_mb([str(PEER_BIN / "llama-bench"), "-m", str(path), "-t", str(threads), "-p", "128,512",
-                                   "-n", str(new_tokens), "-r", str(repeats), "-o", "json"])
-        found = {("tg" if r["n_prompt"] == 0 else f"pp{r['n_prompt']}"): r["avg_ts"] for r in json.loads(stdout)}
-        rows[f"llama.cpp {kind}"] = {**found, "rss": rss}
-        print(f"llama.cpp {kind}: {rows[f'llama.cpp {kind}']}", flush=True)
-    for precision in OURS:
-        stdout, rss = peak_rss_mb([sys.executable, __file__, "--one", precision, "--threads", str(threads),
-                                   "--new-tokens", str(new_tokens), "--repeats", str(repeats)])
-        rows[f"ours {precision}"] = {**json.loads(stdout.strip().splitlines()[-1]), "rss": rss}
-        print(f"ours {precision}: {rows[f'ours {precision}']}", flush=True)
-    print(f"\nbatch 1, {threads} threads, {new_tokens} new tokens, best of {repeats}\n")
+    runs = {}  # row -> one dict per round; this shared machine drifts by up to 2x within an hour,
+    # so the sweep is repeated whole and each row keeps its best round, with the spread shown
+    for round_ in range(rounds):
+        for kind in PEERS:
+            path = shipped if kind == "Q4_1" else ggufs / f"smollm2-{kind}.gguf"
+            if not path.is_file():
+                subprocess.run([str(PEER_BIN / "llama-quantize"), "--allow-requantize", str(shipped), str(path), kind],
+                               check=True, capture_output=True)
+            stdout, rss = peak_rss_mb([str(PEER_BIN / "llama-bench"), "-m", str(path), "-t", str(threads), "-p",
+                                       "128,512", "-n", str(new_tokens), "-r", str(repeats), "-o", "json"])
+            found = {("tg" if r["n_prompt"] == 0 else f"pp{r['n_prompt']}"): r["avg_ts"] for r in json.loads(stdout)}
+            runs.setdefault(f"llama.cpp {kind}", []).append({**found, "rss": rss})
+            print(f"round {round_ + 1}, llama.cpp {kind}: {runs[f'llama.cpp {kind}'][-1]}", flush=True)
+        for precision in OURS:
+            stdout, rss = peak_rss_mb([sys.executable, __file__, "--one", precision, "--threads", str(threads),
+                                       "--new-tokens", str(new_tokens), "--repeats", str(repeats)])
+            runs.setdefault(f"ours {precision}", []).append({**json.loads(stdout.strip().splitlines()[-1]), "rss": rss})
+            print(f"round {round_ + 1}, ours {precision}: {runs[f'ours {precision}'][-1]}", flush=True)
+    rows = {name: {k: (min if k == "rss" else max)(r[k] for r in got) for k in got[0]} for name, got in runs.items()}
+    print(f"\nbatch 1, {threads} threads, {new_tokens} new tokens, best of {repeats} in each of {rounds} rounds; "
+          "decode's range over the rounds in brackets\n")
     print("| runtime, weights | decode tok/s | prompt tok/s (128) | prompt tok/s (512) | peak RSS |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['tg']:.1f} | {r['pp128']:.0f} | {r['pp512']:.0f} | {r['rss']:.0f} MB |")
+        spread = f" ({min(x['tg'] for x in runs[name]):.0f}-{max(x['tg'] for x in runs[name]):.0f})" if rounds > 1 else ""
+        print(f"| {name} | {r['tg']:.1f}{spread} | {r['pp128']:.0f} | {r['pp512']:.0f} | {r['rss']:.0f} MB |")
     print()
     for name in ("int4", "int4 compiled"):
         print(f"ours {name}, batch 8: decode {rows[f'ours {name}']['tg8']:.1f} tok/s in all")
     for ours, peer, what in (("int4 compiled", "Q4_0", "tg"), ("int4 compiled", "Q4_1", "tg"),
-                             ("int8 compiled", "Q8_0", "tg"), ("int4", "Q4_0", "tg"), ("int8", "Q8_0", "tg"),
+                             ("int8 compiled", "Q8_0", "tg"), ("fp32 compiled", "F32", "tg"),
+                             ("bf16 compiled", "BF16", "tg"), ("int4", "Q4_0", "tg"), ("int8", "Q8_0", "tg"),
                              ("fp32", "F32", "tg"), ("bf16", "F32", "pp128"), ("bf16", "F32", "pp512")):
         a, b = rows[f"ours {ours}"], rows[f"llama.cpp {peer}"]
         print(f"ours {ours} / llama.cpp {peer}: {what} {a[what] / b[what]:.2f}x, RSS {a['rss'] - b['rss']:+.0f} MB")
@@ -137,6 +146,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="--vs: sweeps of every row, each row's best kept")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vs", choices=["llamacpp"], help="our precisions against llama.cpp's (see the module docstring)")
     p.add_argument("--one", choices=list(OURS), help=argparse.SUPPRESS)  # one precision, in a process of its own
@@ -144,7 +154,7 @@ def main():
     if args.one:
         return one_precision(args.one, args.threads, args.new_tokens, args.repeats)
     if args.vs:
-        return vs_llamacpp(args.threads, args.new_tokens, args.repeats)
+        return vs_llamacpp(args.threads, args.new_tokens, args.repeats, args.rounds)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.dtype, "cpu")
     ours, hf = lm.model, hf_twin(lm.model)

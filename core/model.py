@@ -288,37 +288,48 @@ def still_fused(linears, fused: torch.Tensor | None) -> bool:
     for linear in linears:
         w = linear.weight
         if (type(linear) is not nn.Linear or w.requires_grad or w.device != fused.device
-                or w.stride() != fused.stride() or w.data_ptr() != fused[row].data_ptr()):
+                or w.stride() != fused.stride()):
+            return False
+        # the storage check breaks a compiled graph in two at every layer (dynamo cannot trace
+        # data_ptr); the compiled step (core.compiled) relies on its guards over the rest
+        if not torch.compiler.is_compiling() and w.data_ptr() != fused[row].data_ptr():
             return False
         row += w.shape[0]
     return True
 
 
-def cpu_decode_layout(model: "Transformer") -> "Transformer":
+def cpu_decode_layout(model: "Transformer", column_major: bool = True) -> "Transformer":
     """Lay out the frozen weights for batch-1 CPU decoding, which streams all of them from DRAM
-    once per token: fewer, wider and column-major matrices run closer to memory bandwidth.
+    once per token: fewer, wider matrices, laid out the way the matrix-vector kernel reads fastest.
 
     - q|k|v and gate|up become one matmul each (fewer, larger GEMVs);
-    - linear weights with out >= in are stored transposed, keeping their logical (out, in)
-      shape: with Linear's row-major layout MKL's GEMV walks rows of only `in` floats (576 for
-      SmolLM2) and streamed ~8 GB/s from DRAM here, with (in, out) rows 11-18 GB/s (the down
-      projection, in > out, is faster row-major: 12.5 vs 10.5 GB/s). F.linear(x, w) multiplies by
-      w.t(), which is then contiguous: no copies. The tied embedding reads the same storage (a
-      strided row gather, cheap for a few tokens)."""
+    - column_major (for eager MKL): linear weights with out >= in are stored transposed, keeping
+      their logical (out, in) shape. With Linear's row-major layout MKL's GEMV walks rows of only
+      `in` floats (576 for SmolLM2) and streamed ~8 GB/s from DRAM here, with (in, out) rows 11-18
+      GB/s (the down projection, in > out, is faster row-major: 12.5 vs 10.5 GB/s). F.linear(x, w)
+      multiplies by w.t(), which is then contiguous: no copies. The tied embedding reads the same
+      storage (a strided row gather, cheap for a few tokens).
+    - row-major (for the compiled step, core.compiled): its one-row products are multiply-sums
+      along each row, which stream at ~45 GB/s over contiguous rows.
+    Called again, it re-lays the model out (one matrix at a time)."""
+    def lay(w):
+        return w.t().contiguous().t() if column_major else w.contiguous()
+    fused_parts = set()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Attention):
-                module.wqkv = _stack_column_major((module.wq, module.wk, module.wv))
-            elif isinstance(module, FeedForward):
-                module.w13 = _stack_column_major((module.w1, module.w3))
-            elif type(module) is nn.Linear and module.weight.is_contiguous() \
+            parts = (module.wq, module.wk, module.wv) if isinstance(module, Attention) else \
+                (module.w1, module.w3) if isinstance(module, FeedForward) else ()
+            if parts and all(type(m) is nn.Linear for m in parts):  # a V2 wrapper or LoRA: left as it is
+                setattr(module, "wqkv" if isinstance(module, Attention) else "w13", _stack(lay, parts))
+                fused_parts.update(parts)
+            elif type(module) is nn.Linear and module not in fused_parts \
                     and module.out_features >= module.in_features:
-                module.weight.data = module.weight.data.t().contiguous().t()
+                module.weight.data = lay(module.weight.data)
     return model
 
 
-def _stack_column_major(linears) -> torch.Tensor:
-    fused = torch.cat([m.weight.data for m in linears]).t().contiguous().t()
+def _stack(lay, linears) -> torch.Tensor:
+    fused = lay(torch.cat([m.weight.data for m in linears]))
     row = 0
     for m in linears:
         n = m.weight.shape[0]

@@ -1,6 +1,7 @@
 """The compiled decode step (core.compiled) on a tiny random model (math: it must give the eager
 step's tokens, alone and in the engine's batches), and its fallback when compiling really fails
-(no C++ compiler: CXX points at /bin/false, with an empty inductor cache), in a subprocess."""
+(no C++ compiler: CXX points at /bin/false, with an empty inductor cache), in a subprocess; the
+pass that turns one-row products into multiply-sums, on random weights."""
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from core.compiled import compile_decode
+from core.compiled import compile_decode, one_row_matmuls
 from core.generation import SamplingParams, generate_tokens
 from core.loading import load_model
 from core.serving import ChatEngine
@@ -49,3 +50,28 @@ def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
     assert broken.stdout == eager.stdout and eager.stdout.strip()
     notices = [line for line in broken.stderr.splitlines() if "compiled decode step failed" in line]
     assert len(notices) == 1 and notices[0].endswith("decoding eagerly"), broken.stderr[-2000:]
+
+
+def test_one_row_products_become_multiply_sums_on_random_weights():
+    """F.linear's products with one row (fp32 and bf16 weights) are rewritten (counted) and agree
+    with the eager ones; several rows stay matrix products, and the int8 kernel is left alone."""
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+    from core.quantize import Int8Linear
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    w16, int8 = w.bfloat16(), Int8Linear.from_float(w)
+
+    def products(x):
+        return F.linear(x, w), F.linear(x.bfloat16(), w16), int8(x)
+    step = torch.compile(products, dynamic=False, options={"post_grad_custom_post_pass": one_row_matmuls(),
+                                                           "fx_graph_cache": False})
+    counters.clear()
+    for rows, rewritten in ((1, 2), (3, 0)):
+        x = torch.randn(rows, 64, generator=g)
+        before = counters["inductor"]["one_row_matmuls"]
+        compiled, eager = step(x), products(x)
+        assert counters["inductor"]["one_row_matmuls"] - before == rewritten
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled[1], eager[1], rtol=1e-2, atol=3e-2)  # bf16 out, another summation order
+        torch.testing.assert_close(compiled[2], eager[2], rtol=0, atol=0)
