@@ -53,17 +53,15 @@ def _one_row_patterns():
     aten = torch.ops.aten
     patterns = PatternMatcherPass(pass_name="one_row_matmuls")
 
-    def rewrite(match, x, inputs, product):
-        counters["inductor"]["one_row_matmuls"] += 1
-        match.replace_by_example(product, inputs)
-        # x is computed once, before the loop: left to itself inductor fuses its producer (the
-        # RMSNorm) into the loop and recomputes it for every output row (int8: 23 ms a token)
-        x.meta["inductor_realize_to_strides"] = True
-
     @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=patterns)
     def matmul(match, x, w):
-        if _one_row(x):
-            rewrite(match, x, [x, w], lambda x, w: (x[:, :, None].float() * w[None].float()).sum(1).to(x.dtype))
+        if not _one_row(x):
+            return
+        counters["inductor"]["one_row_matmuls"] += 1
+        match.replace_by_example(lambda x, w: (x[:, :, None].float() * w[None].float()).sum(1).to(x.dtype), [x, w])
+        # x is computed once, before the loop: left to itself inductor fuses its producer (the
+        # final RMSNorm, say) into the loop and recomputes it for each of the head's 49,152 rows
+        x.meta["inductor_realize_to_strides"] = True
     return patterns
 
 
@@ -82,6 +80,7 @@ def one_row_matmuls():
         def uuid(self):
             return get_hash_for_files((__file__,))
     return OneRowMatmuls()
+
 
 class CompiledStep:
     """`forward` compiled on its first call; `forward` itself after a failure (said once)."""
