@@ -111,8 +111,8 @@ class CompiledStep:
 def compile_decode(model: Transformer) -> Transformer:
     """The model's one-token steps run compiled from now on (see the module docstring)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    weight = model.tok_embeddings.weight
-    if weight.device.type == "cpu" and weight.is_floating_point() and getattr(model, "quantization", "none") == "none":
+    on_cpu = model.tok_embeddings.weight.device.type == "cpu"
+    if on_cpu and getattr(model, "quantization", "none") == "none":
         cpu_decode_layout(model, column_major=False)  # what the one-row multiply-sums read fastest
     model.decode_step = CompiledStep(model.forward)
     return model
