@@ -4,7 +4,7 @@ same GGUF, side by side in one run. 1, 4 and 8 concurrent streaming chats, each 
 200-token prompt and 128 new tokens (ignore_eos: equal work); time to first token p50/p95, tok/s
 per chat and in all, and the ratios.
 
-    .venv/bin/python bench/bench_serving.py [--dtype float32|bfloat16] [--chats 1 4 8] [--threads 2]
+    .venv/bin/python bench/bench_serving.py [--dtype float32|bfloat16] [--chats 1 4 8] [--threads 2] [--compile]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def prompt(i: int, tokenizer) -> str:
     return tokenizer.decode(tokenizer.encode(text)[:200])
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s=300):
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s=900):  # a compiled step compiles first
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
@@ -98,6 +98,7 @@ def main():
     ap.add_argument("--chats", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="our server with the compiled decode step (app.py --compile)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from core.loading import load_model, resolve_model_path
@@ -108,8 +109,9 @@ def main():
     sides = {}
     port = free_port()
     ours = serve([sys.executable, "app.py", "--api-only", "--port", str(port), "--dtype", args.dtype, "--adapters",
-                  str(tmp / "adapters"), "--runs", str(tmp / "runs")], f"http://127.0.0.1:{port}", tmp / "ours.log")
-    sides[f"ours ({args.dtype})"] = (f"http://127.0.0.1:{port}", "smollm2", ours)
+                  str(tmp / "adapters"), "--runs", str(tmp / "runs")] + ["--compile"] * args.compile,
+                 f"http://127.0.0.1:{port}", tmp / "ours.log")
+    sides[f"ours ({args.dtype}{', compiled' * args.compile})"] = (f"http://127.0.0.1:{port}", "smollm2", ours)
     if LLAMA_SERVER.is_file():
         port = free_port()
         ctx = max(args.chats) * (len(tokenizer.encode(prompts[0])) + args.new_tokens + 64)

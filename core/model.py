@@ -93,12 +93,27 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+def mark_length_dynamic(*caches: torch.Tensor):
+    """A KV cache's (batch, heads, length, head_dim) as the compiled decode step (core.compiled)
+    should see them: batch and length vary, so one graph serves every prompt and batch (as fixed
+    sizes, each new length would compile the whole step again, minutes on 2 cores, until torch's
+    recompile limit sends decoding back to eager); heads and head_dim are fixed (as symbols they
+    break the graph at attention)."""
+    for t in caches:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+        torch._dynamo.mark_static(t, 1)
+        torch._dynamo.mark_static(t, 3)
+
+
 class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # plain attributes, not buffers: torch.compile takes a module's buffers as fixed shapes
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        mark_length_dynamic(self.k, self.v)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
@@ -124,10 +139,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, start_pos: int):
         B, T, _ = x.shape
         q, k, v = project(x, (self.wq, self.wk, self.wv), self.wqkv)
-        # -1: the number of heads is whatever this module holds (fewer under model parallelism)
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        # the heads this module holds (fewer under model parallelism), counted from the projection's
+        # fixed width: as -1 they would be a symbol in a compiled step of dynamic batch
+        q, k, v = (t.view(B, T, t.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
@@ -148,7 +162,7 @@ def attend(q, k, v, mask=None, is_causal=False):
         if mask is not None:
             scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, -1), float("-inf"))
         return (scores.float().softmax(-1).to(q.dtype) @ v).view(B, H, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=bool(H != k.shape[1]))
 
 
 class FeedForward(nn.Module):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.adapter import V2_LINEARS, AdaptedLinear, Adapter
-from core.model import KVCache, RMSNorm, Transformer, attend
+from core.model import KVCache, RMSNorm, Transformer, attend, mark_length_dynamic
 
 CHUNK = 256  # the cache grows by this many positions
 
@@ -62,18 +62,25 @@ class SlotCache(nn.Module):
     def tokens_for(rows: int, length: int) -> int:
         """Positions allocated for `rows` rows of up to `length` tokens (what the cache grows to)."""
         slots = 1 << max(0, rows - 1).bit_length()
-        return slots * (-(-length // CHUNK) * CHUNK)
+        return slots * SlotCache.capacity_for(length)
+
+    @staticmethod
+    def capacity_for(length: int) -> int:
+        """Whole chunks, always more than `length`: a step that read the cache to its very end
+        would be another shape to torch.compile (a contiguous slice), so another whole compile."""
+        return (length // CHUNK + 1) * CHUNK
 
     def reserve(self, rows: int, length: int):
         slots, cap = self.k.shape[0], self.k.shape[2]
         want_slots = max(slots, 1 << max(0, rows - 1).bit_length())
-        want_cap = max(cap, -(-length // CHUNK) * CHUNK)
+        want_cap = max(cap, self.capacity_for(length))
         if (want_slots, want_cap) == (slots, cap):
             return
         k = torch.zeros(want_slots, self.shape[0], want_cap, self.shape[1], dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         k[:slots, :, :cap], v[:slots, :, :cap] = self.k, self.v
         self.k, self.v = k, v
+        mark_length_dynamic(k, v)
 
     def update(self, step: DecodeStep, k: torch.Tensor, v: torch.Tensor):
         """Called by Attention in a decode step: k, v (B, n_kv, 1, hd)."""

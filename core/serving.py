@@ -116,10 +116,12 @@ class ChatEngine:
         self._worker.join(timeout_s)
 
     def warm_up(self):
-        """Run the decode step at one row and at several before requests come: a compiled step
-        (core.compiled) compiles at each kind's first use."""
-        for rows in (1, 2):
-            replies = [self.submit([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True)) for _ in range(rows)]
+        """Run each kind of decode step before requests come: a compiled step (core.compiled)
+        compiles at each kind's first use, minutes on 2 cores. The kinds: one row in a fresh
+        cache (one slot), several rows, and one row left among several slots when the others
+        are done (torch takes a size of 1 as fixed, so one slot is a graph of its own)."""
+        for lengths in ((3,), (3, 6)):
+            replies = [self.submit([1, 2, 3], SamplingParams(max_new_tokens=n, ignore_eos=True)) for n in lengths]
             for reply in replies:
                 "".join(reply)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from core.compiled import compile_decode, one_row_matmuls
 from core.generation import SamplingParams, generate_tokens
@@ -30,11 +31,20 @@ def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
     try:
         eager_engine = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in prompts]
         eager_engine = ["".join(r) for r in eager_engine]
+        counters.clear()
         compile_decode(lm.model)
+        engine.warm_up()
+        assert counters["stats"]["unique_graphs"] == 3  # the engine's: one row, one row among free slots, several
         assert greedy_ids(lm.model, prompts[:1], 12) == eager_one
         assert greedy_ids(lm.model, prompts, 12) == eager_two
         replies = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in prompts]
         assert ["".join(r) for r in replies] == eager_engine
+        # other lengths and batches reuse the graphs: longer prompts and replies, alone and in the engine
+        greedy_ids(lm.model, [prompts[1] * 3], 30)
+        replies = [engine.submit(prompts[i % 2] * (i + 2), SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True))
+                   for i in range(3)]
+        assert all("".join(r) for r in replies)
+        assert counters["stats"]["unique_graphs"] == 5  # and plain decoding's two: one row, several
     finally:
         engine.close()
     assert not lm.model.decode_step.failed
@@ -56,7 +66,6 @@ def test_one_row_products_become_multiply_sums_on_random_weights():
     """F.linear's products with one row (fp32 and bf16 weights) are rewritten (counted) and agree
     with the eager ones; several rows stay matrix products, and the int8 kernel is left alone."""
     import torch.nn.functional as F
-    from torch._dynamo.utils import counters
     from core.quantize import Int8Linear
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g)
