@@ -120,13 +120,14 @@ def main(argv=None):
     if args.encoder_weights:
         from core.encoders import configure_encoder
         configure_encoder("imagebind", weights=args.encoder_weights)
+    if args.compile:  # before the engine starts: its constructor frees this thread's OpenMP workers
+        from core.compiled import compile_decode
+        compile_decode(lm.model)
     device = str(lm.model.tok_embeddings.weight.device)
     studio = Studio(lm, args.adapters, args.runs, model_name=args.model, access=access,
                     max_running_jobs=args.max_jobs or default_max_jobs(device),
                     engine={"max_batch": args.max_batch, "kv_budget": args.kv_budget, "prefill_chunk": args.prefill_chunk})
     if args.compile:
-        from core.compiled import compile_decode
-        compile_decode(lm.model)
         print("compiling the decode step (minutes at a first start, seconds once cached) ...", flush=True)
         studio.engine.warm_up()
     if access.public:

@@ -1,7 +1,9 @@
 """The serving engine's continuous batching, on tiny random models (math and bookkeeping): rows
 joining and leaving mid-batch, chunked prefill, an adapter and a condition per row in one
 forward, the KV budget's line; then greedy batched replies on the real embedded model."""
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from core.generation import Generator, RepeatGuard, SamplingParams, model_sampli
 from core.loading import load_model
 from core.multimodal import conditioned
 from core.runner import Row, Runner, SlotCache
-from core.serving import ChatEngine
+from core.serving import ChatEngine, release_openmp_workers
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,25 @@ def test_tiny_random_requests_over_the_kv_budget_wait_in_line_and_never_fitting_
     with pytest.raises(UserError, match="needs 256 cache positions; this server's KV budget is 200"):
         small.submit(asks[0], SamplingParams(max_new_tokens=20))
     small.close()
+
+
+def test_releasing_openmp_workers_ends_the_calling_threads_team():
+    """The engine's constructor frees its caller's OpenMP workers (core.serving.release_openmp_workers):
+    the process's threads, counted by the kernel, drop by that team's workers."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one OpenMP thread: no team to free")
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+    torch.ones(1 << 24).sum()  # a parallel region: this thread's team exists
+    with_team = threads()
+    assert release_openmp_workers()
+    deadline = time.time() + 5
+    while threads() >= with_team and time.time() < deadline:
+        time.sleep(0.01)
+    assert threads() <= with_team - (torch.get_num_threads() - 1)
+    torch.ones(1 << 24).sum()  # and torch still computes, with a new team
+    assert threads() == with_team
 
 
 def test_repeat_guard_bans_a_third_occurrence_of_an_ngram_only():
