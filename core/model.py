@@ -162,7 +162,7 @@ def attend(q, k, v, mask=None, is_causal=False):
         if mask is not None:
             scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, -1), float("-inf"))
         return (scores.float().softmax(-1).to(q.dtype) @ v).view(B, H, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=bool(H != k.shape[1]))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k.shape[1])
 
 
 class FeedForward(nn.Module):

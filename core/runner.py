@@ -61,8 +61,12 @@ class SlotCache(nn.Module):
     @staticmethod
     def tokens_for(rows: int, length: int) -> int:
         """Positions allocated for `rows` rows of up to `length` tokens (what the cache grows to)."""
-        slots = 1 << max(0, rows - 1).bit_length()
-        return slots * SlotCache.capacity_for(length)
+        return SlotCache.slots_for(rows) * SlotCache.capacity_for(length)
+
+    @staticmethod
+    def slots_for(rows: int) -> int:
+        """A power of two, at least `rows`."""
+        return 1 << max(0, rows - 1).bit_length()
 
     @staticmethod
     def capacity_for(length: int) -> int:
@@ -72,7 +76,7 @@ class SlotCache(nn.Module):
 
     def reserve(self, rows: int, length: int):
         slots, cap = self.k.shape[0], self.k.shape[2]
-        want_slots = max(slots, 1 << max(0, rows - 1).bit_length())
+        want_slots = max(slots, self.slots_for(rows))
         want_cap = max(cap, self.capacity_for(length))
         if (want_slots, want_cap) == (slots, cap):
             return
