@@ -20,7 +20,7 @@ from core.generation import model_sampling
 from core.loading import LoadedModel
 from core.multimodal import embed_inputs, questions_for
 from core.registry import AdapterRegistry, clean_name
-from core.serving import ChatEngine, Reply, chat_setup
+from core.serving import ChatEngine, Reply, beside_engine, chat_setup
 from train.jobs import JobRunner
 
 NONE = "(none)"
@@ -43,6 +43,7 @@ def footer(reply: Reply, adapter_name: str) -> str:
 
 
 class Studio:
+    @beside_engine  # loads the shipped adapters after the engine started
     def __init__(self, lm: LoadedModel, adapters_dir: str | Path, runs_dir: str | Path, model_name: str = "smollm2",
                  access: Access | None = None, max_running_jobs: int | None = None, engine: dict | None = None):
         """`engine`: ChatEngine's options (max_batch, kv_budget, prefill_chunk)."""
@@ -144,6 +145,7 @@ class Studio:
         """A submitted reply's text deltas (with `every_s`, None on each quiet tick, see Reply.updates)."""
         return zerogpu.stream(self.engine, reply) if zerogpu.ON_ZERO_GPU else reply.updates(every_s)
 
+    @beside_engine  # an encoder runs on the handler's thread
     def condition(self, adapter, media, question: str, caller: Caller = OWNER) -> torch.Tensor | None:
         """What `media` (see start_reply) adds to `adapter`'s prompts for `question`; None without media."""
         if media is None:
@@ -161,6 +163,7 @@ class Studio:
             questions = questions_for(adapter, self.lm.model, self.lm.tokenizer, [question])
             return embed_inputs(adapter, sources, kind, weights, questions=questions)
 
+    @beside_engine  # may load an adapter on the handler's thread
     def adapter_for(self, name: str | None, caller: Caller = OWNER):
         """The adapter a request names: "" the default of new sessions, None or NONE the base
         model, else a registry name the caller may use (published, theirs, or any for the owner)."""
@@ -204,6 +207,7 @@ class Studio:
                     pass
         return sorted(names, key=lambda name: name != kind)  # stable: the rest keep the registry's order
 
+    @beside_engine  # may load an adapter on the handler's thread
     def make_default(self, name: str | None, caller: Caller = OWNER) -> str:
         """Set the adapter new sessions start on (or none); sessions already open keep their choice."""
         self.access.require_owner(caller, "setting the default adapter")
@@ -234,6 +238,7 @@ class Studio:
             self.default_name = new
         return new
 
+    @beside_engine  # may load an adapter on the handler's thread
     def add_adapter(self, file: str, name: str | None, caller: Caller = OWNER) -> str:
         self.access.require_owner(caller, "adding adapters")
         return self.registry.add(file, name or Path(file).stem)

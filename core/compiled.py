@@ -14,7 +14,8 @@ interpreter between them.
   caches are marked so: core.model.mark_length_dynamic). torch still compiles one row apart from
   several (a size of 1 is always fixed), plain decoding apart from the engine's (each row at its
   own position; there one row in a one-slot cache is a kind of its own too), and rows with
-  adapters apart from rows without. `ChatEngine.warm_up` runs the engine's kinds before serving.
+  adapters apart from rows without. `ChatEngine.warm_up` runs the engine's base kinds before
+  serving; an adapter kind compiles at its first use.
 - The compile is paid once a process, at the first step: ~3 minutes on 2 cores with a cold cache,
   ~20 s with inductor's on-disk cache warm (`TORCHINDUCTOR_CACHE_DIR`; ours by default, so it
   survives /tmp cleaners). `core.serving.ChatEngine.warm_up` runs it before a server takes requests.

@@ -133,7 +133,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
         # An adapter's gated adaption prompt (core.adapter.AdaptionPrompt); None for the base model.
-        self.prompt: nn.Module | None = None
+        # A submodule slot from the start: a module set there and then None again stays in
+        # _modules, and a compiled step's guards must find it in the same place either way (else the
+        # base model's graph is compiled again after the first adapter, and runs split in pieces)
+        self.register_module("prompt", None)
         self.wqkv = None  # [wq; wk; wv] in one storage (cpu_decode_layout, core.quantize.fuse)
 
     def forward(self, x, cos, sin, mask, start_pos: int):

@@ -112,6 +112,7 @@ class RowPrompts(nn.Module):
     def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor):
         super().__init__()
         self.k, self.v, self.mask, self.gates = k, v, mask, gates  # (B, n_kv, K, hd) x2, (B, 1, 1, K), (B, H, 1, 1)
+        mark_length_dynamic(k, v)  # fixed heads: as symbols they break a compiled step at attention
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
         return self.gates * attend(q, self.k, self.v, self.mask)

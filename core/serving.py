@@ -10,6 +10,7 @@ parameters (temperature, top-p, top-k, seed, repetition penalty and guard).
 from __future__ import annotations
 
 import atexit
+import functools
 import queue
 import threading
 import time
@@ -96,24 +97,42 @@ class Reply:
         return (self.tokens - 1) / max(self.finished - self.first_token, 1e-9)
 
 
-def release_openmp_workers() -> bool:
-    """Free the calling thread's idle OpenMP workers (OpenMP 5's omp_pause_resource_all), where
-    torch runs on GNU libgomp. libgomp gives each thread that starts a parallel region a team of
-    its own, and once the process holds more of its threads than there are CPUs, every team's
-    barriers stop spinning and sleep at once (its "throttled" spin count). The engine's thread
-    is a second team beside the thread that loaded the model: on 2 cores that took the compiled
-    fp32 step from 50 to 23 tok/s in the engine, and freeing the loader's workers took it back to
-    44-51 (measured here, one process each). True if a pool was freed or none was held."""
+@functools.cache
+def _libgomp():
+    """The GNU libgomp torch has loaded, or None (not Linux, or another OpenMP runtime)."""
     import ctypes
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith(".so.1")}
-    except OSError:  # not Linux: no libgomp to ask
-        return False
-    if not paths:
-        return False
-    # dlopen of a library already loaded returns that one; 2 is omp_pause_hard
-    return ctypes.CDLL(paths.pop()).omp_pause_resource_all(2) == 0
+    except OSError:
+        return None
+    return ctypes.CDLL(paths.pop()) if paths else None  # dlopen of a loaded library returns that one
+
+
+def release_openmp_workers() -> bool:
+    """Free the calling thread's idle OpenMP workers (OpenMP 5's omp_pause_resource_all), where
+    torch runs on GNU libgomp. libgomp gives each thread that starts a parallel region a team of
+    its own, kept after the region ends, and once the process holds more of its threads than
+    there are CPUs, every team's barriers stop spinning and sleep at once (its "throttled" spin
+    count). The engine's thread is one team; any other thread that computed (the one that loaded
+    the model, a request handler that ran an encoder) is a second. On 2 cores that took the
+    compiled fp32 step from 50 to 23 tok/s in the engine, and freeing the loader's workers took it
+    back to 44-51 (measured here, one process each). True if a pool was freed or none was held."""
+    lib = _libgomp()
+    return lib is not None and lib.omp_pause_resource_all(2) == 0  # 2: omp_pause_hard
+
+
+def beside_engine(fn):
+    """Mark `fn` as torch work done on a thread other than the engine's (a request handler's, the
+    app's start): the OpenMP workers it started are freed when it returns (see
+    release_openmp_workers), so the engine's team keeps both cores to itself."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_openmp_workers()
+    return run
 
 
 class ChatEngine:

@@ -214,3 +214,19 @@ def write_data(path: Path, n=64) -> Path:
     path.write_text("".join(json.dumps({"instruction": f"say {words[i % 8]}", "output": words[i % 8]}) + "\n"
                             for i in range(n)))
     return path
+
+
+def open_adapter(lm, seed, **cfg):
+    """A random adapter with open gates (and V2 parts away from identity): it changes the logits."""
+    from core.adapter import Adapter, AdapterConfig
+    torch.manual_seed(seed)
+    adapter = Adapter.create(lm.model, AdapterConfig(**cfg))
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(0.7)
+            elif "bias" in name or "lora_b" in name:
+                p.normal_(0, 0.05)
+            elif "scale" in name or "norm" in name:
+                p.uniform_(0.8, 1.2)
+    return adapter

@@ -14,6 +14,7 @@ from core.compiled import compile_decode, one_row_matmuls
 from core.generation import SamplingParams, generate_tokens
 from core.loading import load_model
 from core.serving import ChatEngine
+from tests.helpers import open_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,10 @@ def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
     try:
         eager_engine = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True)) for p in prompts]
         eager_engine = ["".join(r) for r in eager_engine]
+        adapter = open_adapter(lm, 1, prompt_len=4, layers=2)
+        eager_adapted = "".join(engine.submit(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                              adapter=adapter))
+        assert eager_adapted != eager_engine[0]
         counters.clear()
         compile_decode(lm.model)
         engine.warm_up()
@@ -45,6 +50,13 @@ def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
                    for i in range(3)]
         assert all("".join(r) for r in replies)
         assert counters["stats"]["unique_graphs"] == 5  # and plain decoding's two: one row, several
+        # rows with an adapter are one more graph, whole (each row's prompt heads are fixed sizes),
+        # and the base model's graphs still hold after it (the prompt slot is where it was)
+        adapted = "".join(engine.submit(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), adapter=adapter))
+        assert counters["stats"]["unique_graphs"] == 6 and not counters["graph_break"]
+        assert adapted == eager_adapted
+        assert "".join(engine.submit(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True))) == eager_engine[0]
+        assert counters["stats"]["unique_graphs"] == 6
     finally:
         engine.close()
     assert not lm.model.decode_step.failed

@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from core.adapter import Adapter, AdapterConfig
 from core.errors import UserError
 from core.generation import Generator, RepeatGuard, SamplingParams, model_sampling
 from core.loading import load_model
 from core.multimodal import conditioned
 from core.runner import Row, Runner, SlotCache
-from core.serving import ChatEngine, release_openmp_workers
+from core.serving import ChatEngine, beside_engine, release_openmp_workers
+from tests.helpers import open_adapter
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +38,6 @@ def solo(lm, ids, new_tokens, adapter=None, condition=None):
     finally:
         if adapter is not None:
             adapter.detach()
-
-
-def open_adapter(lm, seed, **cfg):
-    """A random adapter with open gates (and V2 parts away from identity): it changes the logits."""
-    torch.manual_seed(seed)
-    adapter = Adapter.create(lm.model, AdapterConfig(**cfg))
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if name.endswith("gate"):
-                p.fill_(0.7)
-            elif "bias" in name or "lora_b" in name:
-                p.normal_(0, 0.05)
-            elif "scale" in name or "norm" in name:
-                p.uniform_(0.8, 1.2)
-    return adapter
 
 
 def test_tiny_random_rows_joining_and_leaving_mid_batch_equal_their_solo_replies(tiny):
@@ -172,6 +157,30 @@ def test_releasing_openmp_workers_ends_the_calling_threads_team():
     assert threads() <= with_team - (torch.get_num_threads() - 1)
     torch.ones(1 << 24).sum()  # and torch still computes, with a new team
     assert threads() == with_team
+
+
+def test_work_beside_the_engine_on_a_pool_thread_leaves_no_openmp_team_behind():
+    """A request handler's thread lives on in its pool; torch work there (an encoder, an adapter
+    loading: the studio's methods marked beside_engine) must not leave a second team beside the
+    engine's, or every barrier of the engine's step sleeps (the server's one chat ran at 24 tok/s,
+    50 with this)."""
+    from concurrent.futures import ThreadPoolExecutor
+    if torch.get_num_threads() < 2:
+        pytest.skip("one OpenMP thread: no team to leave")
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    def work():
+        return float(torch.ones(1 << 24).sum())  # a parallel region on the pool's thread
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()
+        alone = threads()  # the pool's thread is up
+        assert pool.submit(beside_engine(work)).result() == 1 << 24
+        assert threads() == alone
+        pool.submit(work).result()  # unmarked, the team stays: what the mark prevents
+        assert threads() == alone + torch.get_num_threads() - 1
+        pool.submit(release_openmp_workers).result()
 
 
 def test_repeat_guard_bans_a_third_occurrence_of_an_ngram_only():
