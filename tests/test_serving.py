@@ -140,14 +140,16 @@ def test_tiny_random_requests_over_the_kv_budget_wait_in_line_and_never_fitting_
     small.close()
 
 
+def threads() -> int:
+    """The process's threads, counted by the kernel."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def test_releasing_openmp_workers_ends_the_calling_threads_team():
     """The engine's constructor frees its caller's OpenMP workers (core.serving.release_openmp_workers):
     the process's threads, counted by the kernel, drop by that team's workers."""
     if torch.get_num_threads() < 2:
         pytest.skip("one OpenMP thread: no team to free")
-
-    def threads():
-        return len(os.listdir("/proc/self/task"))
     torch.ones(1 << 24).sum()  # a parallel region: this thread's team exists
     with_team = threads()
     assert release_openmp_workers()
@@ -167,9 +169,6 @@ def test_work_beside_the_engine_on_a_pool_thread_leaves_no_openmp_team_behind():
     from concurrent.futures import ThreadPoolExecutor
     if torch.get_num_threads() < 2:
         pytest.skip("one OpenMP thread: no team to leave")
-
-    def threads():
-        return len(os.listdir("/proc/self/task"))
 
     def work():
         return float(torch.ones(1 << 24).sum())  # a parallel region on the pool's thread
