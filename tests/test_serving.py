@@ -122,10 +122,11 @@ def test_tiny_random_requests_over_the_kv_budget_wait_in_line_and_never_fitting_
     replies = [engine.submit(ids, SamplingParams(max_new_tokens=200)) for ids in asks]
     seen_waiting = threading.Event()
 
-    def watch():
+    def watch():  # polls with a pause: a spinning Python thread starves the engine's of the GIL
         while not replies[2].tokens:
             if replies[2].position == 1 and len(engine.scheduler.running) == 2:
                 seen_waiting.set()
+            time.sleep(0.002)
     watcher = threading.Thread(target=watch)
     watcher.start()
     texts = ["".join(r) for r in replies]
