@@ -307,8 +307,11 @@ def check_compatible(adapter: Adapter, model: Transformer):
         raise UserError(f"adapter expects {adapter.n_model_layers} layers, this model has {model.args.n_layers}")
 
 
-def check_base(meta: dict, model: Transformer):
-    """Refuse an adapter whose metadata names a different base model (shape or weights)."""
+def check_base(meta: dict, model: Transformer, fingerprint: list[float] | None = None):
+    """Refuse an adapter whose metadata names a different base model (shape or weights).
+    `fingerprint`: the model's base_fingerprint where the caller keeps it (the registry does: its
+    listings run on request threads, where torch work would start an OpenMP team beside the
+    engine's; see core.serving.release_openmp_workers)."""
     base = meta.get("base")
     if not base:
         return
@@ -317,7 +320,7 @@ def check_base(meta: dict, model: Transformer):
         if base.get(key) != getattr(a, key):
             raise UserError(f"adapter was made for a different base model: {key} {base.get(key)} "
                             f"vs this model's {getattr(a, key)}")
-    fp, ours = base.get("fingerprint"), base_fingerprint(model)
+    fp, ours = base.get("fingerprint"), fingerprint or base_fingerprint(model)
     if fp and any(abs(x - y) > 0.01 * max(abs(x), abs(y), 1e-3) for x, y in zip(fp, ours)):
         raise UserError("adapter was made for a different base model: same shape, different weights "
                         "(fingerprint differs)")

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.adapter import Adapter, check_base, load_adapter, read_adapter_metadata
+from core.adapter import Adapter, base_fingerprint, check_base, load_adapter, read_adapter_metadata
 from core.errors import UserError
 from core.files import atomic_path, write_json
 from core.model import Transformer
@@ -52,6 +52,7 @@ class AdapterRegistry:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.model = model
+        self.fingerprint = base_fingerprint(model)  # the base never changes; listings compare with it
         self._loaded: dict[str, tuple[float, Adapter]] = {}  # name -> (file mtime, adapter)
         self._listed: dict[Path, tuple[tuple, Entry]] = {}  # path -> ((mtime, size), entry)
         self._keepers_file = self.folder / "keepers.json"
@@ -94,7 +95,7 @@ class AdapterRegistry:
                 meta, problem = {}, None
                 try:
                     meta = read_adapter_metadata(path)
-                    check_base(meta, self.model)
+                    check_base(meta, self.model, self.fingerprint)
                 except UserError as e:
                     problem = str(e)
                 cached = (stamp, Entry(path.stem, path, meta, problem))

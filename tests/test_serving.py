@@ -15,6 +15,7 @@ from core.multimodal import conditioned
 from core.runner import Row, Runner, SlotCache
 from core.serving import ChatEngine, beside_engine, release_openmp_workers
 from tests.helpers import open_adapter
+from tests.servers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,26 @@ def test_work_beside_the_engine_on_a_pool_thread_leaves_no_openmp_team_behind():
         pool.submit(work).result()  # unmarked, the team stays: what the mark prevents
         assert threads() == alone + torch.get_num_threads() - 1
         pool.submit(release_openmp_workers).result()
+
+
+def test_listing_adapters_on_a_request_thread_starts_no_openmp_team(smollm2, tmp_path):
+    """The API's /v1/models and the page's refreshes list the adapters on request threads. Each
+    entry is checked against the base's fingerprint, which the registry takes once when it is
+    made: computed at a thread's first listing, it left a team there, and the server's one chat
+    ran at 24-27 tok/s after a /v1/models call (47-54 with this; bench_serving waits on that call)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from core.registry import AdapterRegistry
+    if torch.get_num_threads() < 2:
+        pytest.skip("one OpenMP thread: no team to leave")
+    shutil.copy(ROOT / "assets" / "adapters" / "image.safetensors", tmp_path)
+    registry = AdapterRegistry(tmp_path, smollm2.model)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()
+        alone = threads()
+        entries = pool.submit(registry.entries).result()
+        assert [(e.name, e.problem) for e in entries] == [("image", None)] and entries[0].meta["base"]["fingerprint"]
+        assert threads() == alone
 
 
 def test_repeat_guard_bans_a_third_occurrence_of_an_ngram_only():
