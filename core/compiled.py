@@ -113,7 +113,11 @@ class CompiledStep:
 
 def compile_decode(model: Transformer) -> Transformer:
     """The model's one-token steps run compiled from now on (see the module docstring)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    # torch writes its /tmp default into the environment as soon as torch._dynamo is imported (the
+    # model's loading does), so that value too means "not chosen by the user"
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
     if on_cpu and getattr(model, "quantization", "none") == "none":
         cpu_decode_layout(model, column_major=False)  # what the one-row multiply-sums read fastest

@@ -74,6 +74,21 @@ def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
     assert len(notices) == 1 and notices[0].endswith("decoding eagerly"), broken.stderr[-2000:]
 
 
+def test_compiled_kernels_are_cached_in_the_studios_cache_unless_the_user_chose_a_place(tiny_dir, tmp_path):
+    """torch sets its /tmp default as soon as torch._dynamo is imported (a model's loading does);
+    compile_decode still moves the cache to STUDIO_CACHE/inductor, and keeps a place the user set."""
+    code = ("import os, torch._dynamo; from core.loading import load_model; from core.compiled import compile_decode; "
+            f"compile_decode(load_model({str(tiny_dir)!r}, 'float32', 'cpu').model); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    ours = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "STUDIO_CACHE": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    theirs = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**env, "STUDIO_CACHE": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine")})
+    assert ours.stdout.split() == [str(tmp_path / "inductor")], ours.stderr[-2000:]
+    assert theirs.stdout.split() == [str(tmp_path / "mine")], theirs.stderr[-2000:]
+
+
 def test_one_row_products_become_multiply_sums_on_random_weights():
     """F.linear's products with one row (fp32 and bf16 weights) are rewritten (counted) and agree
     with the eager ones; several rows stay matrix products, and the int8 kernel is left alone."""
