@@ -28,6 +28,13 @@ interpreter between them.
   engine's batches) stay matrix products. int8 and int4 keep torch's kernels: the same rewrite of
   the int8 product was 2x faster alone but slower inside the fused graph, and int4's unpacking
   written as tensor ops compiled to loops 3-15x slower than its kernel.
+- Dynamo checks guards before every step: that each of the ~420 tensors the graph reads still has
+  its dtype, shape and strides, and more. The base's weights are fixed once the step is compiled
+  (quantization and the layout come before it), so their tensor guards are dropped
+  (`CompiledStep.guards`): about 1 ms of an int4 token's 8-9 here (tests/test_compiled.py and
+  docs/quantization.md). The graph still reads the weights at every call; everything that varies
+  between steps keeps its guards: the tokens, the KV caches, adapters' tensors, and which modules
+  sit where (a V2 wrapper or an adapter's prompt is another graph).
 - Any failure to compile or run the compiled step prints one notice and decodes eagerly from then.
 """
 from __future__ import annotations
@@ -85,13 +92,30 @@ def one_row_matmuls():
     return OneRowMatmuls()
 
 
-class CompiledStep:
-    """`forward` compiled on its first call; `forward` itself after a failure (said once)."""
+def base_weights(model: Transformer) -> dict[int, torch.Tensor]:
+    """The model's weights as they are now, by id: its parameters and buffers, and those of the fused
+    projections (core.quantize.Fused is a plain object, outside the module tree)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for layer in model.layers:
+        for fused in (layer.attention.wqkv, layer.feed_forward.w13):
+            kernel = getattr(fused, "kernel", fused)
+            tensors += list(kernel.buffers()) if isinstance(kernel, torch.nn.Module) else [kernel]
+    return {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
 
-    def __init__(self, forward):
+
+class CompiledStep:
+    """`forward` compiled on its first call; `forward` itself after a failure (said once).
+    `weights`: tensors whose guards the step drops (base_weights; see the module docstring)."""
+
+    def __init__(self, forward, weights: dict[int, torch.Tensor] | None = None):
         self.forward = forward
+        self.weights = weights or {}
         self.failed = False
         self.compiled = None
+
+    def guards(self, entries) -> list[bool]:
+        """torch.compile's guard_filter_fn: keep every guard but the tensor checks of `weights`."""
+        return [not (e.guard_type == "TENSOR_MATCH" and self.weights.get(id(e.value)) is e.value) for e in entries]
 
     def __call__(self, *args, **kwargs):
         if self.failed:
@@ -100,8 +124,10 @@ class CompiledStep:
             if self.compiled is None:
                 # the C++ wrapper: 12.5 -> 8.4 ms a token at int4 here; CUDA steps would want CUDA graphs instead
                 on_cpu = all(t.device.type == "cpu" for t in args if isinstance(t, torch.Tensor))
-                self.compiled = torch.compile(self.forward, dynamic=True, options={
-                    "cpp_wrapper": True, "post_grad_custom_post_pass": one_row_matmuls()} if on_cpu else None)
+                options = {"guard_filter_fn": self.guards}
+                if on_cpu:
+                    options.update(cpp_wrapper=True, post_grad_custom_post_pass=one_row_matmuls())
+                self.compiled = torch.compile(self.forward, dynamic=True, options=options)
             return self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager step is always right
             self.failed = True
@@ -121,6 +147,6 @@ def compile_decode(model: Transformer) -> Transformer:
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
     if on_cpu and getattr(model, "quantization", "none") == "none":
         cpu_decode_layout(model, column_major=False)  # what the one-row multiply-sums read fastest
-    model.decode_step = CompiledStep(model.forward)
+    model.decode_step = CompiledStep(model.forward, base_weights(model))
     return model
 

@@ -38,6 +38,7 @@ def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
         assert eager_adapted != eager_engine[0]
         counters.clear()
         compile_decode(lm.model)
+        tensor_guards = spy_on_tensor_guards(lm.model.decode_step)
         engine.warm_up()
         assert counters["stats"]["unique_graphs"] == 3  # the engine's: one row, one row among free slots, several
         assert greedy_ids(lm.model, prompts[:1], 12) == eager_one
@@ -60,6 +61,27 @@ def test_compiled_step_tiny_random_model_gives_the_eager_tokens(tiny_dir):
     finally:
         engine.close()
     assert not lm.model.decode_step.failed
+    # the base's weights are not checked before each step (they are fixed once it is compiled); the
+    # tokens, the KV caches and the adapter's tensors are
+    fused = [t for layer in lm.model.layers for t in (layer.attention.wqkv, layer.feed_forward.w13)]  # the float layout's
+    weights = {id(t) for t in (*lm.model.parameters(), *lm.model.buffers(), *fused)}
+    kept = {name for name, value, keep in tensor_guards if keep}
+    assert {id(value) for name, value, keep in tensor_guards if not keep} == weights
+    assert not {id(value) for name, value, keep in tensor_guards if keep} & weights
+    assert "tokens" in kept and any("kv_cache" in name for name in kept), kept
+    assert any("prompt" in name for name in kept), kept
+
+
+def spy_on_tensor_guards(step) -> list:
+    """(name, tensor, kept) of each tensor guard dynamo offers the compiled step, as it compiles."""
+    seen, choose = [], step.guards
+
+    def guards(entries):
+        keep = choose(entries)
+        seen.extend((e.name, e.value, k) for e, k in zip(entries, keep) if e.guard_type == "TENSOR_MATCH")
+        return keep
+    step.guards = guards
+    return seen
 
 
 def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
