@@ -8,6 +8,7 @@ llama.cpp's llama-bench on the GGUF at F32, BF16, Q8_0, Q4_0 and the shipped Q4_
 llama-quantize; bench/build_llamacpp.sh builds the peer), batch-1 decode and 128/512-token
 prompts, each measurement a process of its own so that its peak RSS (GNU time's) is its own. The
 whole sweep runs --rounds times (2) and each row keeps its best round: the machine drifts.
+--only 'int4 compiled,Q4_0' runs just those rows (ours and the peer's names as printed).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def one_precision(precision: str, threads: int, new_tokens: int, repeats: int):
     print(json.dumps(out))
 
 
-def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int):
+def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int, only: list[str] | None = None):
     import json
     import subprocess
     from core.loading import resolve_model_path
@@ -103,8 +104,10 @@ def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int):
     ggufs.mkdir(exist_ok=True)
     runs = {}  # row -> one dict per round; this shared machine drifts by up to 2x within an hour,
     # so the sweep is repeated whole and each row keeps its best round, with the spread shown
+    peers = [k for k in PEERS if not only or k in only]
+    ours_rows = [k for k in OURS if not only or k in only]
     for round_ in range(rounds):
-        for kind in PEERS:
+        for kind in peers:
             path = shipped if kind == "Q4_1" else ggufs / f"smollm2-{kind}.gguf"
             if not path.is_file():
                 subprocess.run([str(PEER_BIN / "llama-quantize"), "--allow-requantize", str(shipped), str(path), kind],
@@ -114,7 +117,7 @@ def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int):
             found = {("tg" if r["n_prompt"] == 0 else f"pp{r['n_prompt']}"): r["avg_ts"] for r in json.loads(stdout)}
             runs.setdefault(f"llama.cpp {kind}", []).append({**found, "rss": rss})
             print(f"round {round_ + 1}, llama.cpp {kind}: {runs[f'llama.cpp {kind}'][-1]}", flush=True)
-        for precision in OURS:
+        for precision in ours_rows:
             stdout, rss = peak_rss_mb([sys.executable, __file__, "--one", precision, "--threads", str(threads),
                                        "--new-tokens", str(new_tokens), "--repeats", str(repeats)])
             runs.setdefault(f"ours {precision}", []).append({**json.loads(stdout.strip().splitlines()[-1]), "rss": rss})
@@ -128,12 +131,14 @@ def vs_llamacpp(threads: int, new_tokens: int, repeats: int, rounds: int):
         spread = f" ({min(x['tg'] for x in runs[name]):.0f}-{max(x['tg'] for x in runs[name]):.0f})" if rounds > 1 else ""
         print(f"| {name} | {r['tg']:.1f}{spread} | {r['pp128']:.0f} | {r['pp512']:.0f} | {r['rss']:.0f} MB |")
     print()
-    for name in ("int4", "int4 compiled"):
+    for name in [n for n in ("int4", "int4 compiled") if f"ours {n}" in rows]:
         print(f"ours {name}, batch 8: decode {rows[f'ours {name}']['tg8']:.1f} tok/s in all")
     for ours, peer, what in (("int4 compiled", "Q4_0", "tg"), ("int4 compiled", "Q4_1", "tg"),
                              ("int8 compiled", "Q8_0", "tg"), ("fp32 compiled", "F32", "tg"),
                              ("bf16 compiled", "BF16", "tg"), ("int4", "Q4_0", "tg"), ("int8", "Q8_0", "tg"),
                              ("fp32", "F32", "tg"), ("bf16", "F32", "pp128"), ("bf16", "F32", "pp512")):
+        if f"ours {ours}" not in rows or f"llama.cpp {peer}" not in rows:
+            continue
         a, b = rows[f"ours {ours}"], rows[f"llama.cpp {peer}"]
         print(f"ours {ours} / llama.cpp {peer}: {what} {a[what] / b[what]:.2f}x, RSS {a['rss'] - b['rss']:+.0f} MB")
 
@@ -149,12 +154,17 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="--vs: sweeps of every row, each row's best kept")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vs", choices=["llamacpp"], help="our precisions against llama.cpp's (see the module docstring)")
+    p.add_argument("--only", help="--vs: these rows only, comma-separated (e.g. 'int4 compiled,Q4_0')")
     p.add_argument("--one", choices=list(OURS), help=argparse.SUPPRESS)  # one precision, in a process of its own
     args = p.parse_args()
     if args.one:
         return one_precision(args.one, args.threads, args.new_tokens, args.repeats)
     if args.vs:
-        return vs_llamacpp(args.threads, args.new_tokens, args.repeats, args.rounds)
+        only = [r.strip() for r in args.only.split(",")] if args.only else None
+        unknown = set(only or []) - set(OURS) - set(PEERS)
+        if unknown:
+            sys.exit(f"unknown rows {sorted(unknown)}; accepted: {', '.join([*OURS, *PEERS])}")
+        return vs_llamacpp(args.threads, args.new_tokens, args.repeats, args.rounds, only)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, args.dtype, "cpu")
     ours, hf = lm.model, hf_twin(lm.model)
