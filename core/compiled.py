@@ -98,9 +98,11 @@ def base_weights(model: Transformer) -> dict[int, torch.Tensor]:
     tensors = [*model.parameters(), *model.buffers()]
     for layer in model.layers:
         for fused in (layer.attention.wqkv, layer.feed_forward.w13):
-            kernel = getattr(fused, "kernel", fused)
+            if fused is None:  # no fused layout (a float model on CUDA, say)
+                continue
+            kernel = getattr(fused, "kernel", fused)  # a quantized Fused's kernel, or the float layout's tensor
             tensors += list(kernel.buffers()) if isinstance(kernel, torch.nn.Module) else [kernel]
-    return {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
+    return {id(t): t for t in tensors}
 
 
 class CompiledStep:
