@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.runtime: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-cache-dir -r requirements.txt
+	$(PY) -m pip install -q --no-cache-dir --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-test-nodeps.txt
-	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps -r requirements-test-nodeps.txt
+	$(PY) -m pip install -q --no-cache-dir -r requirements-test.txt
+	$(PY) -m pip install -q --no-cache-dir --no-deps -r requirements-test-nodeps.txt
 	@# the browser tests drive Debian's chromium (Playwright's own browser download is not reachable);
 	@# the audio tests speak words with Debian's espeak-ng
 	[ -x /usr/bin/chromium ] && [ -x /usr/bin/espeak-ng ] || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -22,7 +22,7 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-test-nodeps.t
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.test requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-cache-dir -r requirements-dev.txt
 	touch $@
 
 app: $(VENV)/.runtime

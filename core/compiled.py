@@ -10,8 +10,8 @@ interpreter between them.
 - `compile_decode(model)` sets `model.decode_step`; `core.generation.generate_tokens` and the
   engine's `core.runner.Runner.decode` call it for every one-token step (prefill stays eager: it
   is one large forward that runs at the GEMMs' speed already).
-- Shapes are dynamic (cache length, prompt length, rows): a graph serves every length (the KV
-  caches are marked so: core.model.mark_length_dynamic). torch still compiles one row apart from
+- Shapes are dynamic (cache length, prompt length, rows): a graph serves every length (only the
+  KV caches' heads are fixed: core.model.mark_heads_static). torch still compiles one row apart from
   several (a size of 1 is always fixed), plain decoding apart from the engine's (each row at its
   own position; there one row in a one-slot cache is a kind of its own too), and rows with
   adapters apart from rows without. `ChatEngine.warm_up` runs the engine's base kinds before

@@ -93,15 +93,16 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def mark_length_dynamic(*caches: torch.Tensor):
+def mark_heads_static(*caches: torch.Tensor):
     """A KV cache's (batch, heads, length, head_dim) as the compiled decode step (core.compiled)
-    should see them: batch and length vary, so one graph serves every prompt and batch (as fixed
-    sizes, each new length would compile the whole step again, minutes on 2 cores, until torch's
-    recompile limit sends decoding back to eager); heads and head_dim are fixed (as symbols they
-    break the graph at attention)."""
+    should see them: heads and head_dim fixed (as symbols they break the graph at attention).
+    Batch and length are left to the step's `dynamic=True`, so one graph serves every prompt and
+    batch (as fixed sizes, each new length would compile the whole step again, minutes on 2 cores,
+    until torch's recompile limit sends decoding back to eager). Left unmarked, they are "duck"
+    sizes: the 60 caches of SmolLM2, all of one length, share one symbol, where marked dynamic each
+    had its own, each converted and checked before every token (~7% of an int4 token here,
+    docs/quantization.md)."""
     for t in caches:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(t, 2)
         torch._dynamo.mark_static(t, 1)
         torch._dynamo.mark_static(t, 3)
 
@@ -113,7 +114,7 @@ class KVCache(nn.Module):
         # plain attributes, not buffers: torch.compile takes a module's buffers as fixed shapes
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        mark_length_dynamic(self.k, self.v)
+        mark_heads_static(self.k, self.v)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.adapter import V2_LINEARS, AdaptedLinear, Adapter
-from core.model import KVCache, RMSNorm, Transformer, attend, mark_length_dynamic
+from core.model import KVCache, RMSNorm, Transformer, attend, mark_heads_static
 
 CHUNK = 256  # the cache grows by this many positions
 
@@ -84,7 +84,7 @@ class SlotCache(nn.Module):
         v = torch.zeros_like(k)
         k[:slots, :, :cap], v[:slots, :, :cap] = self.k, self.v
         self.k, self.v = k, v
-        mark_length_dynamic(k, v)
+        mark_heads_static(k, v)
 
     def update(self, step: DecodeStep, k: torch.Tensor, v: torch.Tensor):
         """Called by Attention in a decode step: k, v (B, n_kv, 1, hd)."""
@@ -112,7 +112,7 @@ class RowPrompts(nn.Module):
     def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, gates: torch.Tensor):
         super().__init__()
         self.k, self.v, self.mask, self.gates = k, v, mask, gates  # (B, n_kv, K, hd) x2, (B, 1, 1, K), (B, H, 1, 1)
-        mark_length_dynamic(k, v)  # fixed heads: as symbols they break a compiled step at attention
+        mark_heads_static(k, v)  # fixed heads: as symbols they break a compiled step at attention
 
     def forward(self, attn, q: torch.Tensor) -> torch.Tensor:
         return self.gates * attend(q, self.k, self.v, self.mask)

@@ -84,6 +84,25 @@ def spy_on_tensor_guards(step) -> list:
     return seen
 
 
+def test_every_kv_cache_length_is_one_symbol_of_the_tiny_random_models_step(tiny_dir):
+    """Plain decoding's step takes the caches' common length as one integer input, not one per
+    cache (each was converted and checked before every token; docs/quantization.md), and a new
+    prompt length reuses the graph."""
+    lm = load_model(str(tiny_dir), "float32", "cpu")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(sorted({str(n.meta["example_value"]) for n in gm.graph.nodes
+                              if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)}))
+        return gm
+    torch._dynamo.reset()
+    lm.model.decode_step = torch.compile(lm.model.forward, backend=backend, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for n in (9, 17):
+        greedy_ids(lm.model, [torch.randint(5, 250, (n,), generator=g).tolist()], 4)
+    assert len(graphs) == 1 and len(graphs[0]) == 2, graphs  # the position and the caches' length
+
+
 def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "core.generate", "--model", str(tiny_dir), "--prompt", "the fox and",
            "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
