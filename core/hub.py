@@ -13,6 +13,7 @@ from pathlib import Path
 from core.errors import UserError, first_line
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model"]  # what a Hugging Face folder needs, not .bin/.gguf copies
 ADAPTER_FILES = ["*.safetensors", "*.pth"]
 
@@ -31,6 +32,11 @@ def snapshot(spec: str, patterns: list[str], what: str = "model") -> Path:
     from huggingface_hub.constants import HF_HUB_CACHE
     repo, _, revision = spec.partition("@")
     try:
+        if COMMIT.fullmatch(revision):  # a commit never changes: its cached snapshot needs no Hub (which,
+            try:                        # unreachable, huggingface_hub retries for 23 s before using the cache)
+                return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+            except LocalEntryNotFoundError:
+                pass
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
     except GatedRepoError:
         raise UserError(f"{repo} is gated: accept its terms at https://huggingface.co/{repo} while logged in, "

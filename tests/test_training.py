@@ -156,7 +156,7 @@ def test_tiny_random_two_process_gloo_step_equals_one_process_with_doubled_batch
 
 
 def test_tiny_random_sigterm_saves_state_exits_zero_and_resume_matches_uninterrupted(tmp_path, tiny_model_dir, data_file):
-    steps = ["--epochs", "40", "--save-every", "50"]  # 640 steps: seconds on the tiny model
+    steps = ["--epochs", "20", "--save-every", "50"]  # 320 steps: seconds on the tiny model
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run([sys.executable, "-m", "train.finetune", *train_args(tiny_model_dir, data_file, whole, *steps)],
                    cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
@@ -170,7 +170,7 @@ def test_tiny_random_sigterm_saves_state_exits_zero_and_resume_matches_uninterru
     assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
     assert time.time() - sent < 5
     status = json.loads((cut / "status.json").read_text())
-    assert status["state"] == "stopped" and 30 <= status["step"] < 640
+    assert status["state"] == "stopped" and 30 <= status["step"] < 320
     resumed = subprocess.run([sys.executable, "-m", "train.finetune", "--resume", str(cut)],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -187,7 +187,7 @@ def test_resume_of_a_folder_without_state_is_refused(tmp_path):
 def test_embedded_model_short_run_improves_held_out_json_formatting(tmp_path, smollm2):
     from train.evaluate import accuracy
     from train.tasks import task_records
-    held_out = task_records("json_format", "test", 24)
+    held_out = task_records("json_format", "test", 16)
     before, _ = accuracy(smollm2, held_out, smollm2.chat_format)  # untuned, in its own chat format
     args = parse_args(["--data", "task:json_format", "--out", str(tmp_path / "run"), "--max-steps", "10",
                        "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0.01"])

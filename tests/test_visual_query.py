@@ -221,7 +221,7 @@ def test_tiny_random_image_records_train_visual_queries_on_efficientnet_tokens(t
 
 @pytest.mark.parametrize("fusion", ["late", "early"])
 def test_embedded_model_learns_easy_vqa_shapes_through_visual_queries_in_a_short_run(smollm2, fusion, tmp_path):
-    """400 easy-VQA shape questions, 30 steps of 8 over EfficientNet-Lite0's 7 x 7 tokens (one visual
+    """400 easy-VQA shape questions, 20 steps of 8 over EfficientNet-Lite0's 7 x 7 tokens (one visual
     block of width 128, K=10, the top 8 layers): held-out shape questions well above the 1/3 of
     chance (measured: 93-100% late, 95-100% early, at 20-40 steps)."""
     import random
@@ -235,7 +235,7 @@ def test_embedded_model_learns_easy_vqa_shapes_through_visual_queries_in_a_short
     data = tmp_path / "shapes.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in train))
     flags = ["--data", str(data), "--out", str(tmp_path / "run"), "--layers", "8", "--batch-size", "8", "--lr", "5e-3",
-             "--max-steps", "30", "--warmup-epochs", "0.05", "--visual-blocks", "1", "--visual-width", "128",
+             "--max-steps", "20", "--warmup-epochs", "0.05", "--visual-blocks", "1", "--visual-width", "128",
              "--visual-heads", "4", "--fusion", fusion]
     adapter = run(parse_args(flags), smollm2)
     try:
