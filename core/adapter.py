@@ -90,6 +90,8 @@ class AdaptionPrompt(nn.Module):
         if torch.is_grad_enabled():
             self._kv_cache = None
             return self._project(attn, x)
+        if torch.compiler.is_compiling():  # the key reads data_ptr(), which dynamo cannot trace: it broke
+            return self._project(attn, x)  # the step at every adapted layer; K rows inside the graph instead
         deps = [self.prompt, *attn.wk.parameters(), *attn.wv.parameters()]
         key = (dtype, *((p.data_ptr(), p._version) for p in deps))
         if self._kv_cache is None or self._kv_cache[0] != key:

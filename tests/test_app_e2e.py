@@ -95,9 +95,13 @@ def test_retry_regenerates_and_undo_returns_the_message(page):
     """Greedy (set above): Retry regenerates the same reply."""
     replies = []
     for _ in range(2):
+        # The old reply's stats leave the page while the new one streams; a short reply can come back
+        # between two polls, so an observer records that they left (polling for it was flaky).
+        page.evaluate("""() => { const chat = document.querySelector('#chatbot'); window.statsLeft = false;
+            new MutationObserver((_, seen) => { if (!chat.innerText.includes('tok/s')) { window.statsLeft = true; seen.disconnect(); } })
+                .observe(chat, {childList: true, subtree: true, characterData: true}); }""")
         page.locator("#retry").click()
-        page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=30_000)
-        page.wait_for_function("() => document.querySelectorAll('#chatbot .message.bot').length == 1 && "
+        page.wait_for_function("() => window.statsLeft && document.querySelectorAll('#chatbot .message.bot').length == 1 && "
                                "document.querySelector('#chatbot').innerText.includes('tok/s')", timeout=120_000)
         replies.append(last_reply(page).split("tokens ·")[0].strip())
     assert replies[0] == replies[1] and "Paris" in replies[0]  # greedy: the same reply

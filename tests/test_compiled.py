@@ -103,6 +103,25 @@ def test_every_kv_cache_length_is_one_symbol_of_the_tiny_random_models_step(tiny
     assert len(graphs) == 1 and len(graphs[0]) == 2, graphs  # the position and the caches' length
 
 
+def test_an_attached_adapter_compiles_whole_and_gives_the_eager_tokens_on_the_tiny_random_model(tiny_dir):
+    """A plain attach (the CLI's --adapter) decodes through one graph per kind, with no break at each
+    adapted layer (the prompts' cache key read data_ptr(), which dynamo cannot trace)."""
+    lm = load_model(str(tiny_dir), "float32", "cpu")
+    adapter = open_adapter(lm, 1, prompt_len=4, layers=2)
+    adapter.attach(lm.model)
+    try:
+        prompts = [list(range(5, 14)), list(range(20, 37))]
+        eager = greedy_ids(lm.model, prompts, 8)
+        torch._dynamo.reset()
+        counters.clear()
+        compile_decode(lm.model)
+        assert greedy_ids(lm.model, prompts, 8) == eager
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1  # several rows; the prompts' projection inside it
+    finally:
+        adapter.detach()
+
+
 def test_compile_failure_decodes_eagerly_with_one_notice(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "core.generate", "--model", str(tiny_dir), "--prompt", "the fox and",
            "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
