@@ -184,16 +184,16 @@ def test_resume_of_a_folder_without_state_is_refused(tmp_path):
         parse_args(["--resume", str(tmp_path)])
 
 
-def test_embedded_model_short_run_improves_held_out_json_formatting(tmp_path, smollm2):
+def test_embedded_model_short_run_improves_held_out_json_formatting(tmp_path, smollm2_bf16):
     from train.evaluate import accuracy
     from train.tasks import task_records
     held_out = task_records("json_format", "test", 16)
-    before, _ = accuracy(smollm2, held_out, smollm2.chat_format)  # untuned, in its own chat format
+    before, _ = accuracy(smollm2_bf16, held_out, smollm2_bf16.chat_format)  # untuned, in its own chat format
     args = parse_args(["--data", "task:json_format", "--out", str(tmp_path / "run"), "--max-steps", "10",
                        "--batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0.01"])
-    adapter = run(args, smollm2)
+    adapter = run(args, smollm2_bf16)
     try:
-        after, pairs = accuracy(smollm2, held_out, "alpaca")
+        after, pairs = accuracy(smollm2_bf16, held_out, "alpaca")
     finally:
         adapter.detach()
     assert after >= before + 0.5, (before, after, pairs[:3])

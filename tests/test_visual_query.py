@@ -220,7 +220,7 @@ def test_tiny_random_image_records_train_visual_queries_on_efficientnet_tokens(t
 
 
 @pytest.mark.parametrize("fusion", ["late", "early"])
-def test_embedded_model_learns_easy_vqa_shapes_through_visual_queries_in_a_short_run(smollm2, fusion, tmp_path):
+def test_embedded_model_learns_easy_vqa_shapes_through_visual_queries_in_a_short_run(smollm2_bf16, fusion, tmp_path):
     """400 easy-VQA shape questions, 20 steps of 8 over EfficientNet-Lite0's 7 x 7 tokens (one visual
     block of width 128, K=10, the top 8 layers): held-out shape questions well above the 1/3 of
     chance (measured: 93-100% late, 95-100% early, at 20-40 steps)."""
@@ -237,10 +237,10 @@ def test_embedded_model_learns_easy_vqa_shapes_through_visual_queries_in_a_short
     flags = ["--data", str(data), "--out", str(tmp_path / "run"), "--layers", "8", "--batch-size", "8", "--lr", "5e-3",
              "--max-steps", "20", "--warmup-epochs", "0.05", "--visual-blocks", "1", "--visual-width", "128",
              "--visual-heads", "4", "--fusion", fusion]
-    adapter = run(parse_args(flags), smollm2)
+    adapter = run(parse_args(flags), smollm2_bf16)
     try:
         assert adapter.cfg.fusion_layers == (4 if fusion == "early" else 0)
-        score, pairs = accuracy(smollm2, test, "alpaca", max_new_tokens=4)
+        score, pairs = accuracy(smollm2_bf16, test, "alpaca", max_new_tokens=4)
     finally:
         adapter.detach()
     most_common = max(sum(r["output"] == a for r in test) for a in ("circle", "rectangle", "triangle")) / len(test)
