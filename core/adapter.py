@@ -85,13 +85,15 @@ class AdaptionPrompt(nn.Module):
     def prompt_kv(self, attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, n_kv_heads, K, head_dim) keys and values, no RoPE. Cached only under no_grad
         (generation), keyed on the versions of every tensor they depend on, so an in-place update
-        (training, load_state_dict) is never served stale; while training they are recomputed."""
+        (training, load_state_dict) is never served stale; while training they are recomputed, and
+        inside a compiled step too (the key reads data_ptr(), which dynamo cannot trace: it broke
+        the step at every adapted layer; K rows through wk/wv are cheap inside the graph)."""
         x = self.prompt.to(dtype).unsqueeze(0)
         if torch.is_grad_enabled():
             self._kv_cache = None
             return self._project(attn, x)
-        if torch.compiler.is_compiling():  # the key reads data_ptr(), which dynamo cannot trace: it broke
-            return self._project(attn, x)  # the step at every adapted layer; K rows inside the graph instead
+        if torch.compiler.is_compiling():
+            return self._project(attn, x)
         deps = [self.prompt, *attn.wk.parameters(), *attn.wv.parameters()]
         key = (dtype, *((p.data_ptr(), p._version) for p in deps))
         if self._kv_cache is None or self._kv_cache[0] != key:
